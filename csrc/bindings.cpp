@@ -1,0 +1,115 @@
+// The thin pybind11 module reft_ext._C. Tensors cross this boundary as integers (data
+// pointers), sizes, strides and dtype codes; reft_ext/_ops.py builds them from torch
+// tensors and has already checked shapes, dtypes and devices.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "reft_core.h"
+
+namespace py = pybind11;
+using reft::Problem;
+using reft::Rows;
+
+namespace {
+
+void* as_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+// Problem description, shared by every entry point.
+Problem make_problem(py::tuple sizes, int h_dtype, uintptr_t pos, bool pos_int64,
+                     int64_t pos_sb, int64_t pos_sp, uintptr_t R, int R_dtype, uintptr_t W,
+                     int W_dtype, uintptr_t b, int b_dtype, int num_threads, uintptr_t stream) {
+  if (sizes.size() != 5) throw std::invalid_argument("sizes must be (B, T, P, d, r)");
+  Problem p;
+  p.B = sizes[0].cast<int64_t>();
+  p.T = sizes[1].cast<int64_t>();
+  p.P = sizes[2].cast<int64_t>();
+  p.d = sizes[3].cast<int64_t>();
+  p.r = sizes[4].cast<int64_t>();
+  p.h_dtype = h_dtype;
+  p.pos = {reinterpret_cast<const void*>(pos), pos_int64, pos_sb, pos_sp};
+  p.params = {as_ptr(R), R_dtype, as_ptr(W), W_dtype, as_ptr(b), b_dtype};
+  p.num_threads = num_threads;
+  p.stream = as_ptr(stream);
+  return p;
+}
+
+#define PROBLEM_ARGS                                                                   \
+  py::tuple sizes, int h_dtype, uintptr_t pos, bool pos_int64, int64_t pos_sb,         \
+      int64_t pos_sp, uintptr_t R, int R_dtype, uintptr_t W, int W_dtype, uintptr_t b, \
+      int b_dtype, int num_threads, uintptr_t stream
+#define PROBLEM                                                                        \
+  make_problem(sizes, h_dtype, pos, pos_int64, pos_sb, pos_sp, R, R_dtype, W, W_dtype, \
+               b, b_dtype, num_threads, stream)
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "reft_ext native kernels (private; use reft_ext.loreft / reft_ext.loreft_)";
+
+  m.def("check_positions_cpu", [](PROBLEM_ARGS) {
+    Problem p = PROBLEM;
+    char msg[256] = {0};
+    bool ok;
+    {
+      py::gil_scoped_release release;
+      ok = reft::check_positions_cpu(p, msg, sizeof(msg));
+    }
+    return ok ? std::string() : std::string(msg);
+  }, "Returns '' when positions are valid, else the reason.");
+
+  m.def("forward_cpu", [](PROBLEM_ARGS, uintptr_t io, int64_t io_sb, int64_t io_st,
+                          uintptr_t saved, int64_t saved_sb, int64_t saved_st) {
+    Problem p = PROBLEM;
+    py::gil_scoped_release release;
+    reft::loreft_forward_cpu(p, Rows{as_ptr(io), io_sb, io_st},
+                             Rows{as_ptr(saved), saved_sb, saved_st});
+  });
+
+  m.def("backward_cpu", [](PROBLEM_ARGS, uintptr_t gio, int64_t g_sb, int64_t g_st,
+                           uintptr_t x, int64_t x_sb, int64_t x_st, bool x_gathered,
+                           uintptr_t dR, uintptr_t dW, uintptr_t db) {
+    Problem p = PROBLEM;
+    py::gil_scoped_release release;
+    reft::loreft_backward_cpu(p, Rows{as_ptr(gio), g_sb, g_st}, Rows{as_ptr(x), x_sb, x_st},
+                              x_gathered, as_ptr(dR), as_ptr(dW), as_ptr(db));
+  });
+
+#ifdef REFT_EXT_WITH_CUDA
+  m.attr("has_cuda") = true;
+  m.def("cuda_runtime_version", &reft::cuda_runtime_version);
+  m.attr("cuda_archs") = std::string(reft::cuda_archs());
+  m.def("cuda_device_count", [] {
+    int count = 0;
+    char msg[256] = {0};
+    int err = reft::cuda_device_count(&count, msg, sizeof(msg));
+    return py::make_tuple(err, count, std::string(msg));
+  });
+  m.def("check_positions_cuda", [](PROBLEM_ARGS, uintptr_t status) {
+    Problem p = PROBLEM;
+    reft::check_positions_cuda(p, reinterpret_cast<int32_t*>(status));
+  });
+  m.def("forward_cuda", [](PROBLEM_ARGS, uintptr_t io, int64_t io_sb, int64_t io_st,
+                           uintptr_t saved, int64_t saved_sb, int64_t saved_st) {
+    Problem p = PROBLEM;
+    reft::loreft_forward_cuda(p, Rows{as_ptr(io), io_sb, io_st},
+                              Rows{as_ptr(saved), saved_sb, saved_st});
+  });
+  m.def("backward_cuda_workspace", [](PROBLEM_ARGS) {
+    return reft::loreft_backward_cuda_workspace(PROBLEM);
+  });
+  m.def("backward_cuda", [](PROBLEM_ARGS, uintptr_t gio, int64_t g_sb, int64_t g_st,
+                            uintptr_t x, int64_t x_sb, int64_t x_st, bool x_gathered,
+                            uintptr_t dR, uintptr_t dW, uintptr_t db, uintptr_t ws,
+                            int64_t ws_bytes) {
+    Problem p = PROBLEM;
+    reft::loreft_backward_cuda(p, Rows{as_ptr(gio), g_sb, g_st}, Rows{as_ptr(x), x_sb, x_st},
+                               x_gathered, as_ptr(dR), as_ptr(dW), as_ptr(db), as_ptr(ws),
+                               ws_bytes);
+  });
+#else
+  m.attr("has_cuda") = false;
+  m.attr("cuda_archs") = std::string();
+#endif
+}

@@ -1,0 +1,91 @@
+// reft_ext core: torch-free interface of the fused LoReFT kernels.
+//
+// Everything here takes raw pointers, sizes, strides (in elements) and dtype codes, so that
+// the kernels build without torch and a stable-ABI wrapper could be added later.
+//
+// The edit, for every selected row x = h[i, pos[i, j]] (row vectors, M = W - R):
+//   z  = x M^T + b                       (r)
+//   y  = x + z R                         (d)
+// backward, with g = dL/dy at that row:
+//   gz = g R^T                           (r)
+//   dx = g + gz M                        (d)
+//   dW = sum gz^T x,  db = sum gz,  dR = sum (z^T g - gz^T x)
+#pragma once
+#include <cstdint>
+
+namespace reft {
+
+// Element type codes shared by the binding and every kernel.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// Rows of a (B, T, d) tensor whose last dimension is contiguous.
+struct Rows {
+  void* data;          // element (i, t, k) lives at data + i*stride_b + t*stride_t + k
+  int64_t stride_b;    // in elements
+  int64_t stride_t;    // in elements
+};
+
+// Gathered position table: pos (B, P), int64 or int32, -1 marks an empty slot.
+struct Positions {
+  const void* data;
+  bool is_int64;
+  int64_t stride_b;    // in elements
+  int64_t stride_p;    // in elements
+};
+
+// Intervention parameters. Each of R, W (r, d) and b (r,) is contiguous, and has its own
+// dtype: h's dtype or float32.
+struct Params {
+  const void* R; int R_dtype;
+  const void* W; int W_dtype;
+  const void* b; int b_dtype;
+};
+
+struct Problem {
+  int64_t B, T, P, d, r;
+  int h_dtype;         // dtype of the (B, T, d) tensors (h, out, grad)
+  Positions pos;
+  Params params;
+  int num_threads;     // CPU only; <= 1 runs on the calling thread
+  void* stream;        // CUDA only: cudaStream_t of the caller
+};
+
+// Checks every position is -1 or in [0, T) and appears at most once per row.
+// Returns true when valid; otherwise fills msg (NUL-terminated, at most msg_size bytes).
+bool check_positions_cpu(const Problem& p, char* msg, int64_t msg_size);
+
+// Forward, in place on io: for each valid slot (i, j), with t = pos[i, j]:
+//   saved[i, j, :] = io[i, t, :]   (when saved.data != nullptr; (B, P, d) in h's dtype;
+//                                    empty slots are left unwritten)
+//   io[i, t, :]    = Phi(io[i, t, :])
+// Rows not selected are never read or written.
+void loreft_forward_cpu(const Problem& p, Rows io, Rows saved);
+
+// Backward. gio holds g = dL/dy on entry (all B*T rows) and receives dL/dh at the selected
+// rows (other rows are left as they are, which is their gradient). x gives the forward's
+// input rows: when x_gathered, row (i, j) is at x.data + i*stride_b + j*stride_t, else at
+// row (i, pos[i, j]). dR, dW (r, d) and db (r,) are written (not accumulated) in the
+// accumulation type: float64 when h is float64, float32 otherwise. The reduction over rows
+// uses a fixed partition that depends only on the problem's shape, never on thread count.
+void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered,
+                         void* dR, void* dW, void* db);
+
+#ifdef REFT_EXT_WITH_CUDA
+// CUDA versions: same contracts, pointers on the current device, launched on p.stream.
+// Positions are validated by check_positions_cuda, which writes an int32 status
+// (0 valid, 1 out of range, 2 repeated) to the device pointer status.
+void check_positions_cuda(const Problem& p, int32_t* status);
+void loreft_forward_cuda(const Problem& p, Rows io, Rows saved);
+void loreft_backward_cuda(const Problem& p, Rows gio, Rows x, bool x_gathered,
+                          void* dR, void* dW, void* db, void* workspace,
+                          int64_t workspace_bytes);
+// Bytes of device workspace loreft_backward_cuda needs for this problem.
+int64_t loreft_backward_cuda_workspace(const Problem& p);
+// Build information for reft_ext.build_info().
+int cuda_runtime_version();
+const char* cuda_archs();
+// Returns 0 and fills count, or a CUDA error string's code; msg gets a readable reason.
+int cuda_device_count(int* count, char* msg, int64_t msg_size);
+#endif
+
+}  // namespace reft

@@ -1,0 +1,60 @@
+"""`python -m reft_ext`: build information and a quick self-check against the reference."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+
+def self_check(device: str, seconds: float = 0.5) -> str:
+    """Runs random LoReFT problems on `device` against the float64 reference until
+    `seconds` have passed; returns a one-line summary or raises AssertionError."""
+    import reft_ext
+    from reft_ext.reference import loreft_reference
+
+    gen = torch.Generator().manual_seed(0)
+    start, cases = time.perf_counter(), 0
+    while cases == 0 or time.perf_counter() - start < seconds:
+        B, T, d, r = 2, 9, 33 + cases % 7, 1 + cases % 4
+        P = 5
+        h = torch.randn(B, T, d, generator=gen)
+        pos = torch.stack([torch.randperm(T, generator=gen)[:P] for _ in range(B)])
+        pos[0, -1] = -1
+        R, W, b = (torch.randn(r, d, generator=gen), torch.randn(r, d, generator=gen),
+                   torch.randn(r, generator=gen))
+        ref = loreft_reference(h.double(), pos, R.double(), W.double(), b.double())
+        params = [t.to(device).requires_grad_() for t in (R, W, b)]
+        hd = h.to(device).requires_grad_()
+        out = reft_ext.loreft(hd, pos.to(device), *params)
+        out.square().sum().backward()
+        err = (out.detach().cpu().double() - ref).abs().max().item()
+        if not err < 1e-4:
+            raise AssertionError(f"self-check failed on {device}: max error {err:.3g}")
+        cases += 1
+    return f"{device}: {cases} random problems, forward + backward, match the reference"
+
+
+def main(argv=None) -> int:
+    import reft_ext
+
+    argv = sys.argv[1:] if argv is None else argv
+    info = reft_ext.build_info()
+    print(f"reft_ext {info['version']}  (torch {info['torch']})")
+    if not info["native_loaded"]:
+        print(f"native module: NOT LOADED ({info['native_error']})")
+        return 1
+    if info["cuda_kernels"]:
+        print(f"CUDA kernels: built with CUDA {info['cuda_runtime']} for "
+              f"{', '.join(info['cuda_archs'])}; {info['cuda_status']}")
+    else:
+        print("CUDA kernels: not built (CPU kernels only)")
+    print(f"CPU threads: {torch.get_num_threads()}")
+    print("self-check " + self_check("cpu"))
+    if info["cuda_kernels"] and info["cuda_devices"] and torch.cuda.is_available():
+        print("self-check " + self_check("cuda"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

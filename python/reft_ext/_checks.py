@@ -1,0 +1,60 @@
+"""Input validation shared by the public functions and the fake (meta) kernels.
+
+Every check names the op, the argument and what was expected, and runs before anything is
+written. Checks of the positions' *values* (range, repeats) need the data, so they run in
+the device implementations (C++ on the CPU, a device kernel on CUDA), still before any
+write; everything here looks only at metadata and so traces under torch.compile.
+"""
+from __future__ import annotations
+
+import torch
+
+H_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+POS_DTYPES = (torch.int64, torch.int32)
+
+
+def _fail(op: str, msg: str, exc=ValueError):
+    raise exc(f"reft_ext.{op}: {msg}")
+
+
+def check_inputs(op: str, h, positions, R, W, b) -> None:
+    """Validates the metadata of a LoReFT call.
+
+    h: (B, T, d) float; positions: (B, P) int64/int32; R, W: (r, d); b: (r,), each of R, W,
+    b in h's dtype or float32; all on h's device; 1 <= r <= d.
+    """
+    for name, t in (("h", h), ("positions", positions), ("R", R), ("W", W), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if h.dim() != 3:
+        _fail(op, f"h must have shape (B, T, d), got {tuple(h.shape)}")
+    if h.dtype not in H_DTYPES:
+        _fail(op, f"h must be float32, bfloat16, float16 or float64, got {h.dtype}", TypeError)
+    B, T, d = h.shape
+    if d == 0:
+        _fail(op, "h must have a non-empty hidden dimension d, got d=0")
+    if positions.dim() != 2 or positions.shape[0] != B:
+        _fail(op, f"positions must have shape (B, P) = ({B}, P) to match h {tuple(h.shape)}, "
+                  f"got {tuple(positions.shape)}")
+    if positions.dtype not in POS_DTYPES:
+        _fail(op, f"positions must be int64 or int32, got {positions.dtype}", TypeError)
+    if R.dim() != 2 or R.shape[1] != d:
+        _fail(op, f"R must have shape (r, d) with d={d}, got {tuple(R.shape)}")
+    r = R.shape[0]
+    if r < 1:
+        _fail(op, "R must have at least one row (rank r >= 1), got r=0")
+    if r > d:
+        _fail(op, f"rank r={r} exceeds the hidden size d={d}: R (r, d) cannot have "
+                  f"orthonormal rows")
+    if tuple(W.shape) != (r, d):
+        _fail(op, f"W must have shape (r, d) = ({r}, {d}) like R, got {tuple(W.shape)}")
+    if tuple(b.shape) != (r,):
+        _fail(op, f"b must have shape (r,) = ({r},), got {tuple(b.shape)}")
+    allowed = (h.dtype, torch.float32)
+    for name, t in (("R", R), ("W", W), ("b", b)):
+        if t.dtype not in allowed:
+            _fail(op, f"{name} must be {h.dtype} (h's dtype) or float32, got {t.dtype}",
+                  TypeError)
+    for name, t in (("positions", positions), ("R", R), ("W", W), ("b", b)):
+        if t.device != h.device:
+            _fail(op, f"{name} is on {t.device} but h is on {h.device}; move it to {h.device}")
