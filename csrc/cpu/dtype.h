@@ -8,6 +8,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "../reft_core.h"
 
@@ -59,6 +60,12 @@ template <> inline Half from_float<Half>(float v) {
   return Half{uint16_t(sign | (a >> 13))};
 }
 template <> inline double from_float<double>(float v) { return v; }
+
+// Rounds an accumulator value to the storage type (double stays double).
+template <typename T, typename A> inline T store_as(A v) {
+  if constexpr (std::is_same_v<T, double>) return v;
+  else return from_float<T>(float(v));
+}
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };

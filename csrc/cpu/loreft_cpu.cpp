@@ -102,7 +102,7 @@ void forward_impl(const Problem& p, Rows io, Rows saved) {
         const acc_t* Rq = &w.R[q * d];
         for (int64_t k = 0; k < d; ++k) y[k] += zq * Rq[k];
       }
-      for (int64_t k = 0; k < d; ++k) row[k] = from_float<scalar_t>(y[k]);
+      for (int64_t k = 0; k < d; ++k) row[k] = store_as<scalar_t>(y[k]);
     }
   });
 }
@@ -160,7 +160,7 @@ void backward_impl(const Problem& p, Rows gio, Rows xs, bool x_gathered, void* d
           }
           db[q] += gq;
         }
-        for (int64_t k = 0; k < d; ++k) grow[k] = from_float<scalar_t>(dx[k]);
+        for (int64_t k = 0; k < d; ++k) grow[k] = store_as<scalar_t>(dx[k]);
       }
     }
   });
