@@ -48,24 +48,27 @@ Problem make_problem(py::tuple sizes, int h_dtype, uintptr_t pos, bool pos_int64
 PYBIND11_MODULE(_C, m) {
   m.doc() = "reft_ext native kernels (private; use reft_ext.loreft / reft_ext.loreft_)";
 
-  m.def("check_positions_cpu", [](PROBLEM_ARGS) {
-    Problem p = PROBLEM;
-    char msg[256] = {0};
-    bool ok;
-    {
-      py::gil_scoped_release release;
-      ok = reft::check_positions_cpu(p, msg, sizeof(msg));
-    }
-    return ok ? std::string() : std::string(msg);
-  }, "Returns '' when positions are valid, else the reason.");
-
+  // Validates the positions' values, then edits; returns '' or why nothing was written.
   m.def("forward_cpu", [](PROBLEM_ARGS, uintptr_t io, int64_t io_sb, int64_t io_st,
                           uintptr_t saved, int64_t saved_sb, int64_t saved_st) {
     Problem p = PROBLEM;
-    py::gil_scoped_release release;
-    reft::loreft_forward_cpu(p, Rows{as_ptr(io), io_sb, io_st},
-                             Rows{as_ptr(saved), saved_sb, saved_st});
+    char msg[256] = {0};
+    {
+      py::gil_scoped_release release;
+      if (reft::check_positions_cpu(p, msg, sizeof(msg)))
+        reft::loreft_forward_cpu(p, Rows{as_ptr(io), io_sb, io_st},
+                                 Rows{as_ptr(saved), saved_sb, saved_st});
+    }
+    return std::string(msg);
   });
+
+  m.def("check_positions_cpu", [](PROBLEM_ARGS) {
+    Problem p = PROBLEM;
+    char msg[256] = {0};
+    py::gil_scoped_release release;
+    reft::check_positions_cpu(p, msg, sizeof(msg));
+    return std::string(msg);
+  }, "Returns '' when positions are valid, else the reason. Reads only the positions.");
 
   m.def("backward_cpu", [](PROBLEM_ARGS, uintptr_t gio, int64_t g_sb, int64_t g_st,
                            uintptr_t x, int64_t x_sb, int64_t x_st, bool x_gathered,

@@ -90,8 +90,8 @@ def _contig_params(R, W, b):
 # ---------------------------------------------------------------------------------------
 # CPU kernels.
 
-def _check_positions_cpu(op, args):
-    msg = _native.lib().check_positions_cpu(*args)
+def _raise_if(op: str, msg: str) -> None:
+    # The native calls return '' on success, else the reason they wrote nothing.
     if msg:
         raise ValueError(f"reft_ext.{op}: {msg}")
 
@@ -106,10 +106,9 @@ def _bump_version(t: torch.Tensor) -> None:
 @torch.library.impl("reft_ext::loreft_fwd", "cpu")
 def _fwd_cpu(h, positions, R, W, b):
     R, W, b = _contig_params(R, W, b)
-    args = _problem(h, positions, R, W, b)
-    _check_positions_cpu("loreft", args)
     out = h.clone(memory_format=torch.contiguous_format)
-    _native.lib().forward_cpu(*args, *_rows(out), 0, 0, 0)
+    _raise_if("loreft", _native.lib().forward_cpu(*_problem(h, positions, R, W, b),
+                                                  *_rows(out), 0, 0, 0))
     return out
 
 
@@ -120,13 +119,12 @@ def _fwd_inplace_cpu(h, positions, R, W, b, save_rows):
                          f"to be edited in place (got strides {h.stride()}); use "
                          "reft_ext.loreft for strided inputs")
     R, W, b = _contig_params(R, W, b)
-    args = _problem(h, positions, R, W, b)
-    _check_positions_cpu("loreft_", args)
     B, T, d = h.shape
     P = positions.shape[1]
     saved = h.new_empty((B, P, d) if save_rows else (0,))
     saved_rows = _rows(saved) if save_rows else (0, 0, 0)
-    _native.lib().forward_cpu(*args, *_rows(h), *saved_rows)
+    _raise_if("loreft_", _native.lib().forward_cpu(*_problem(h, positions, R, W, b),
+                                                   *_rows(h), *saved_rows))
     _bump_version(h)
     return saved
 
@@ -217,5 +215,5 @@ def _validate_positions_cuda(op, lib, h, positions, R, W, b, stream):
     lib.check_positions_cuda(*_problem(h, positions, R, W, b, stream), status.data_ptr())
     if int(status.item()):  # one sync: an invalid edit must raise before any write
         # The CPU checker finds and words the offending entry; it reads only the positions.
-        _check_positions_cpu(op, _problem(h, positions.cpu(), R, W, b))
+        _raise_if(op, _native.lib().check_positions_cpu(*_problem(h, positions.cpu(), R, W, b)))
         raise ValueError(f"reft_ext.{op}: invalid positions")
