@@ -79,6 +79,8 @@ PYBIND11_MODULE(_C, m) {
                               x_gathered, as_ptr(dR), as_ptr(dW), as_ptr(db));
   });
 
+  m.def("cpu_isa", &reft::cpu_isa, "Instruction set of the CPU kernels on this machine.");
+
 #ifdef REFT_EXT_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def("cuda_runtime_version", &reft::cuda_runtime_version);

@@ -70,6 +70,9 @@ void loreft_forward_cpu(const Problem& p, Rows io, Rows saved);
 void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered,
                          void* dR, void* dW, void* db);
 
+// Instruction set the CPU kernels use on this machine ("avx2+fma" or "baseline").
+const char* cpu_isa();
+
 #ifdef REFT_EXT_WITH_CUDA
 // CUDA versions: same contracts, pointers on the current device, launched on p.stream.
 // Positions are validated by check_positions_cuda, which writes an int32 status

@@ -1,0 +1,153 @@
+"""Microbenchmark of the fused LoReFT op against the eager PyTorch reference.
+
+Four providers, paired by form so each ratio compares like with like:
+  fused    reft_ext.loreft   (out of place)     vs  eager    loreft_reference  (gather,
+                                                     matmuls, index_put on a clone)
+  fused_   reft_ext.loreft_  (in place)         vs  eager_   loreft_reference_ (index_put_)
+Modes: fwd (forward with autograd recording), bwd (backward alone), fwd+bwd. h is a fresh
+non-leaf tensor requiring grad each repeat (made untimed), parameters require grad, as in
+training. Also the per-call overhead of reft_ext.loreft on a tiny input without grad.
+
+    python bench/bench_op.py                 # default shapes, 2 threads, ~3 min on 2 cores
+    python bench/bench_op.py --quick         # fewer repeats (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import reft_ext  # noqa: E402
+from reft_ext.reference import loreft_reference, loreft_reference_  # noqa: E402
+
+PROVIDERS = {
+    "fused": reft_ext.loreft,
+    "eager": loreft_reference,
+    "fused_": reft_ext.loreft_,
+    "eager_": loreft_reference_,
+}
+PAIRS = [("eager", "fused"), ("eager_", "fused_"), ("eager", "fused_")]
+
+
+def f7_l7(B, T, device):
+    first = torch.arange(7)
+    return torch.cat([first, T - 7 + first]).expand(B, 14).contiguous().to(device)
+
+
+def make_case(B, T, d, r, P, dtype, device, gen):
+    h0 = torch.randn(B, T, d, generator=gen).to(device=device, dtype=dtype)
+    pos = (f7_l7(B, T, device) if P == 14 else
+           torch.arange(T).expand(B, T).contiguous().to(device))
+    R = torch.linalg.qr(torch.randn(d, r, generator=gen))[0].T.contiguous()
+    params = [R, 0.1 * torch.randn(r, d, generator=gen), 0.1 * torch.randn(r, generator=gen)]
+    params = [p.to(device).requires_grad_() for p in params]  # fp32 params, as in training
+    grad = torch.randn(B, T, d, generator=gen).to(device=device, dtype=dtype)
+    leaf = h0.clone().requires_grad_()
+    return leaf, pos, params, grad
+
+
+def bench_case(B, T, d, r, P, dtype, device, reps, gen):
+    leaf, pos, params, grad = make_case(B, T, d, r, P, dtype, device, gen)
+    fresh_h = lambda: leaf.clone()  # noqa: E731  (non-leaf, requires grad)
+    results = {}
+    for name, fn in PROVIDERS.items():
+        def fwd(h, fn=fn):
+            return fn(h, pos, *params)
+
+        def fwd_for_bwd(fn=fn):
+            return fn(leaf.clone(), pos, *params)
+
+        def bwd(out):
+            out.backward(grad)
+
+        def both(h, fn=fn):
+            fn(h, pos, *params).backward(grad)
+
+        results[(name, "fwd")] = common.measure(fwd, setup=fresh_h, reps=reps, device=device)
+        results[(name, "bwd")] = common.measure(bwd, setup=fwd_for_bwd, reps=reps, device=device)
+        results[(name, "fwd+bwd")] = common.measure(both, setup=fresh_h, reps=reps,
+                                                    device=device)
+        for p in params:
+            p.grad = None
+    return results
+
+
+def tiny_overhead(reps):
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(1, 4, 8, generator=gen)
+    pos = torch.tensor([[1]])
+    R, W, b = torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.randn(2, generator=gen)
+    calls = 200
+
+    def many():
+        for _ in range(calls):
+            reft_ext.loreft(h, pos, R, W, b)
+
+    with torch.no_grad():
+        s = common.measure(many, reps=reps, warmup=2)
+    return {k: (v / calls if k != "n" else v) for k, v in s.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--quick", action="store_true", help="5 repeats, smaller T")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", default="8,512,4096,8", help="B,T,d,r")
+    ap.add_argument("--name", default=None, help="results file stem (default bench_op-<device>)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reps = 5 if args.quick else args.reps
+    B, T, d, r = (int(x) for x in args.shape.split(","))
+    if args.quick:
+        T = min(T, 128)
+    env = common.environment(args.device)
+    if args.device == "cpu":
+        env["device"] = f"{common.cpu_model()}, {args.threads} threads"
+    gen = torch.Generator().manual_seed(0)
+    rows, table = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        for P in (14, T):
+            res = bench_case(B, T, d, r, P, dtype, args.device, reps, gen)
+            shape = f"B={B} T={T} d={d} r={r} P={P}"
+            for (prov, mode), s in res.items():
+                rows.append({"op": "loreft", "provider": prov, "mode": mode, "shape": shape,
+                             "dtype": str(dtype).replace("torch.", ""),
+                             "median_ms": s["median"] * 1e3, "p20_ms": s["p20"] * 1e3,
+                             "p80_ms": s["p80"] * 1e3, "n": s["n"], **env})
+            for mode in ("fwd", "bwd", "fwd+bwd"):
+                for base, fused in PAIRS:
+                    ratio = res[(base, mode)]["median"] / res[(fused, mode)]["median"]
+                    table.append([str(dtype).replace("torch.", ""), P, mode,
+                                  f"{base} vs {fused}", common.fmt_ms(res[(base, mode)]),
+                                  common.fmt_ms(res[(fused, mode)]), f"{ratio:.1f}x"])
+            print(f"done {dtype} P={P}", file=sys.stderr)
+    tiny = tiny_overhead(reps)
+    rows.append({"op": "loreft", "provider": "fused", "mode": "call overhead (no grad)",
+                 "shape": "B=1 T=4 d=8 r=2 P=1", "dtype": "float32",
+                 "median_ms": tiny["median"] * 1e3, "p20_ms": tiny["p20"] * 1e3,
+                 "p80_ms": tiny["p80"] * 1e3, "n": tiny["n"], **env})
+    name = args.name or f"bench_op-{args.device}"
+    path = common.write_rows(name, rows)
+    header = ["dtype", "P", "mode", "pair", "baseline ms (p20–p80)", "reft_ext ms (p20–p80)",
+              "speed-up"]
+    md = (f"Machine: {env['device']}; torch {env['torch']}, reft_ext {env['reft_ext']}, "
+          f"{env['date']}. Shape B={B} T={T} d={d} r={r}, fp32 parameters, median of "
+          f"{reps} repeats.\n\n" + common.markdown_table(header, table) +
+          f"\n\nPer-call overhead of reft_ext.loreft without grad (tiny input): "
+          f"{tiny['median'] * 1e6:.1f} us (p20 {tiny['p20'] * 1e6:.1f}, p80 {tiny['p80'] * 1e6:.1f}).\n")
+    (common.RESULTS / f"{name}.md").write_text(md)
+    print(md)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
