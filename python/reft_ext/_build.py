@@ -11,7 +11,8 @@ def build_info() -> dict:
 
     Keys: version, native_loaded, native_error, cuda_kernels (bool), cuda_runtime
     (e.g. "13.0" or None), cuda_archs (list of str), cuda_devices (int or None),
-    cuda_status (why CUDA kernels can or cannot run here), torch, dtypes.
+    cuda_status (why CUDA kernels can or cannot run here), torch, dtypes, cpu_isa
+    (instruction set the CPU kernels use here).
     """
     from . import __version__
 
@@ -27,6 +28,7 @@ def build_info() -> dict:
         "cuda_status": "built without CUDA kernels",
         "torch": torch.__version__,
         "dtypes": ["float32", "bfloat16", "float16", "float64"],
+        "cpu_isa": lib.cpu_isa() if lib is not None else None,
     }
     if info["cuda_kernels"]:
         v = lib.cuda_runtime_version()
