@@ -95,23 +95,28 @@ PYBIND11_MODULE(_C, m) {
     Problem p = PROBLEM;
     reft::check_positions_cuda(p, reinterpret_cast<int32_t*>(status));
   });
+  m.attr("cuda_max_rank") = reft::kCudaMaxRank;
+  // skip: 0 once positions were seen valid, else the device status of check_positions_cuda.
   m.def("forward_cuda", [](PROBLEM_ARGS, uintptr_t io, int64_t io_sb, int64_t io_st,
-                           uintptr_t saved, int64_t saved_sb, int64_t saved_st) {
+                           uintptr_t saved, int64_t saved_sb, int64_t saved_st,
+                           uintptr_t skip) {
     Problem p = PROBLEM;
     reft::loreft_forward_cuda(p, Rows{as_ptr(io), io_sb, io_st},
-                              Rows{as_ptr(saved), saved_sb, saved_st});
+                              Rows{as_ptr(saved), saved_sb, saved_st},
+                              reinterpret_cast<const int32_t*>(skip));
   });
   m.def("backward_cuda_workspace", [](PROBLEM_ARGS) {
     return reft::loreft_backward_cuda_workspace(PROBLEM);
   });
-  m.def("backward_cuda", [](PROBLEM_ARGS, uintptr_t gio, int64_t g_sb, int64_t g_st,
-                            uintptr_t x, int64_t x_sb, int64_t x_st, bool x_gathered,
-                            uintptr_t dR, uintptr_t dW, uintptr_t db, uintptr_t ws,
-                            int64_t ws_bytes) {
+  // g (read) and dx (written at the selected rows) must be different buffers.
+  m.def("backward_cuda", [](PROBLEM_ARGS, uintptr_t g, int64_t g_sb, int64_t g_st,
+                            uintptr_t dx, int64_t dx_sb, int64_t dx_st, uintptr_t x,
+                            int64_t x_sb, int64_t x_st, bool x_gathered, uintptr_t dR,
+                            uintptr_t dW, uintptr_t db, uintptr_t ws, int64_t ws_bytes) {
     Problem p = PROBLEM;
-    reft::loreft_backward_cuda(p, Rows{as_ptr(gio), g_sb, g_st}, Rows{as_ptr(x), x_sb, x_st},
-                               x_gathered, as_ptr(dR), as_ptr(dW), as_ptr(db), as_ptr(ws),
-                               ws_bytes);
+    reft::loreft_backward_cuda(p, Rows{as_ptr(g), g_sb, g_st}, Rows{as_ptr(dx), dx_sb, dx_st},
+                               Rows{as_ptr(x), x_sb, x_st}, x_gathered, as_ptr(dR),
+                               as_ptr(dW), as_ptr(db), as_ptr(ws), ws_bytes);
   });
 #else
   m.attr("has_cuda") = false;

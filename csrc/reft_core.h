@@ -74,20 +74,41 @@ void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered,
 const char* cpu_isa();
 
 #ifdef REFT_EXT_WITH_CUDA
-// CUDA versions: same contracts, pointers on the current device, launched on p.stream.
-// Positions are validated by check_positions_cuda, which writes an int32 status
-// (0 valid, 1 out of range, 2 repeated) to the device pointer status.
+// CUDA versions: same contracts as the CPU kernels, pointers on the current device, work
+// launched on p.stream (asynchronous: the functions return before the kernels finish).
+// A failed launch throws std::runtime_error with the CUDA error string.
+
+// Largest rank the CUDA kernels take: a block keeps z and gz of its rows in shared memory.
+constexpr int64_t kCudaMaxRank = 2048;
+
+// Validates the positions on the device: ORs into the int32 at `status` (device memory,
+// zeroed by the caller) the value 1 when an entry is neither -1 nor in [0, T), and 2 when
+// a token index repeats within a row (so 3 when both). Nothing else is written.
 void check_positions_cuda(const Problem& p, int32_t* status);
-void loreft_forward_cuda(const Problem& p, Rows io, Rows saved);
-void loreft_backward_cuda(const Problem& p, Rows gio, Rows x, bool x_gathered,
+
+// Forward, in place on io, as loreft_forward_cpu, except that the slots of saved whose
+// position is -1 are zero-filled (saved needs no memset). skip: nullptr once the caller
+// has seen a zero status; otherwise a device int32 (check_positions_cuda's status) that
+// makes the kernel write nothing when nonzero, for callers that cannot read it back
+// before the launch (CUDA graph capture). Entries outside [0, T) are never dereferenced.
+void loreft_forward_cuda(const Problem& p, Rows io, Rows saved, const int32_t* skip);
+
+// Backward. Unlike the CPU version, g = dL/dy (read at the selected rows only) and dx
+// (receives dL/dh at the selected rows; other rows are left as they are) are separate
+// buffers, because the second launch reads g again. x as for the CPU. dR, dW (r, d)
+// and db (r,) are written in the accumulation type, with a reduction order that depends
+// on the shape (B, P, d, r) and dtype only. workspace: device memory of at least
+// loreft_backward_cuda_workspace(p) bytes, any content.
+void loreft_backward_cuda(const Problem& p, Rows g, Rows dx, Rows x, bool x_gathered,
                           void* dR, void* dW, void* db, void* workspace,
                           int64_t workspace_bytes);
-// Bytes of device workspace loreft_backward_cuda needs for this problem.
 int64_t loreft_backward_cuda_workspace(const Problem& p);
+
 // Build information for reft_ext.build_info().
-int cuda_runtime_version();
-const char* cuda_archs();
-// Returns 0 and fills count, or a CUDA error string's code; msg gets a readable reason.
+int cuda_runtime_version();  // CUDART_VERSION the module was built with, e.g. 13000
+const char* cuda_archs();    // e.g. "75-real,80-real,...,120-virtual"
+// Returns 0 and fills count, or the cudaError_t code with a readable reason in msg (no
+// driver, no device): never crashes on a machine without a GPU.
 int cuda_device_count(int* count, char* msg, int64_t msg_size);
 #endif
 

@@ -7,7 +7,7 @@ import time
 import torch
 
 
-def self_check(device: str, seconds: float = 0.5) -> str:
+def self_check(device: str, seconds: float = 1.0) -> str:
     """Runs random LoReFT problems on `device` against the float64 reference until
     `seconds` have passed; returns a one-line summary or raises AssertionError."""
     import reft_ext
