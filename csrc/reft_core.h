@@ -56,7 +56,7 @@ bool check_positions_cpu(const Problem& p, char* msg, int64_t msg_size);
 
 // Forward, in place on io: for each valid slot (i, j), with t = pos[i, j]:
 //   saved[i, j, :] = io[i, t, :]   (when saved.data != nullptr; (B, P, d) in h's dtype;
-//                                    empty slots are left unwritten)
+//                                    empty slots are set to zeros)
 //   io[i, t, :]    = Phi(io[i, t, :])
 // Rows not selected are never read or written.
 void loreft_forward_cpu(const Problem& p, Rows io, Rows saved);

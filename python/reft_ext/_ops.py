@@ -15,6 +15,8 @@ dispatcher overhead is ~3x lower per call, and autograd lives outside the ops
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import _native
@@ -57,8 +59,11 @@ def _fwd_inplace_fake(h, positions, R, W, b, save_rows):
 
 @torch.library.register_fake("reft_ext::loreft_bwd")
 def _bwd_fake(grad, positions, x, x_gathered, R, W, b):
-    return (torch.empty_like(grad, memory_format=torch.contiguous_format),
-            torch.empty_like(R), torch.empty_like(W), torch.empty_like(b))
+    # The device kernels return contiguous gradients whatever the parameters' strides.
+    contig = torch.contiguous_format
+    return (torch.empty_like(grad, dtype=x.dtype, memory_format=contig),
+            torch.empty_like(R, memory_format=contig), torch.empty_like(W, memory_format=contig),
+            torch.empty_like(b, memory_format=contig))
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,6 +126,8 @@ def _fwd_inplace_cpu(h, positions, R, W, b, save_rows):
     R, W, b = _contig_params(R, W, b)
     B, T, d = h.shape
     P = positions.shape[1]
+    # Zeros, not empty: the kernel skips the slots of -1 positions, and an op must not return
+    # uninitialised memory (nondeterministic output; opcheck's AOT check catches it).
     saved = h.new_empty((B, P, d) if save_rows else (0,))
     saved_rows = _rows(saved) if save_rows else (0, 0, 0)
     _raise_if("loreft_", _native.lib().forward_cpu(*_problem(h, positions, R, W, b),
@@ -157,15 +164,24 @@ def _cuda_lib(op: str, device: torch.device):
     return lib
 
 
+def _check_rank_cuda(op: str, lib, R: torch.Tensor) -> None:
+    if R.shape[0] > lib.cuda_max_rank:
+        raise ValueError(f"reft_ext.{op}: rank r={R.shape[0]} (R.shape[0]) exceeds the CUDA "
+                         f"kernels' limit of {lib.cuda_max_rank}; use a smaller rank or CPU "
+                         "tensors")
+
+
 @torch.library.impl("reft_ext::loreft_fwd", "cuda")
 def _fwd_cuda(h, positions, R, W, b):
     lib = _cuda_lib("loreft", h.device)
+    _check_rank_cuda("loreft", lib, R)
     with torch.cuda.device(h.device):
         R, W, b = _contig_params(R, W, b)
         stream = torch.cuda.current_stream(h.device).cuda_stream
-        _validate_positions_cuda("loreft", lib, h, positions, R, W, b, stream)
+        skip = _validate_positions_cuda("loreft", lib, h, positions, R, W, b, stream)
         out = h.clone(memory_format=torch.contiguous_format)
-        lib.forward_cuda(*_problem(h, positions, R, W, b, stream), *_rows(out), 0, 0, 0)
+        lib.forward_cuda(*_problem(h, positions, R, W, b, stream), *_rows(out), 0, 0, 0,
+                         skip.data_ptr() if skip is not None else 0)
     return out
 
 
@@ -176,25 +192,42 @@ def _fwd_inplace_cuda(h, positions, R, W, b, save_rows):
         raise ValueError("reft_ext.loreft_: h must have unit stride along its last dimension "
                          f"to be edited in place (got strides {h.stride()}); use "
                          "reft_ext.loreft for strided inputs")
+    _check_rank_cuda("loreft_", lib, R)
     with torch.cuda.device(h.device):
         R, W, b = _contig_params(R, W, b)
         stream = torch.cuda.current_stream(h.device).cuda_stream
-        _validate_positions_cuda("loreft_", lib, h, positions, R, W, b, stream)
+        skip = _validate_positions_cuda("loreft_", lib, h, positions, R, W, b, stream)
         B, T, d = h.shape
+        # Empty, not zeros: the kernel writes every slot of saved, zeros for -1 slots (a
+        # memset would add a (B, P, d) write to a pass that moves 2 (B, P, d)).
         saved = h.new_empty((B, positions.shape[1], d) if save_rows else (0,))
         saved_rows = _rows(saved) if save_rows else (0, 0, 0)
-        lib.forward_cuda(*_problem(h, positions, R, W, b, stream), *_rows(h), *saved_rows)
+        lib.forward_cuda(*_problem(h, positions, R, W, b, stream), *_rows(h), *saved_rows,
+                         skip.data_ptr() if skip is not None else 0)
     _bump_version(h)
     return saved
 
 
 @torch.library.impl("reft_ext::loreft_bwd", "cuda")
 def _bwd_cuda(grad, positions, x, x_gathered, R, W, b):
+    """dx, dR, dW, db on the GPU, in two launches (csrc/cuda/loreft_kernels.cuh).
+
+    Copies of the gradient: grad_h is a full (B, T, d) copy of grad (its unselected rows
+    *are* the gradient of h there), and the kernels then overwrite only the B*P selected
+    rows. The copy is kept, for loreft_ too, because autograd may hand the same grad
+    tensor to other consumers (or keep it, with retain_graph / create_graph), so writing
+    dx into grad itself is not provably safe here; it costs one read and one write of
+    B*T*d elements, which dominates at few positions (f7+l7). The kernels read g from grad
+    (or its dtype-converted copy) and write dx into grad_h: the second launch needs the
+    original g after the first one wrote dx.
+    """
     lib = _cuda_lib("loreft", grad.device)
+    _check_rank_cuda("loreft", lib, R)
     with torch.cuda.device(grad.device):
         Rc, Wc, bc = _contig_params(R, W, b)
         x = _inner_contiguous(x)
-        grad_h = grad.to(x.dtype).clone(memory_format=torch.contiguous_format)
+        g = _inner_contiguous(grad.to(x.dtype))
+        grad_h = g.clone(memory_format=torch.contiguous_format)
         acc = acc_dtype(x.dtype)
         r, d = R.shape
         dev = grad.device
@@ -205,15 +238,48 @@ def _bwd_cuda(grad, positions, x, x_gathered, R, W, b):
         args = _problem(grad_h, positions, Rc, Wc, bc, stream)
         ws_bytes = lib.backward_cuda_workspace(*args)
         ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=dev)
-        lib.backward_cuda(*args, *_rows(grad_h), *_rows(x), x_gathered,
+        lib.backward_cuda(*args, *_rows(g), *_rows(grad_h), *_rows(x), x_gathered,
                           dR.data_ptr(), dW.data_ptr(), db.data_ptr(), ws.data_ptr(), ws_bytes)
     return grad_h, dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
 
 
+# The positions tensor last found valid: (weak reference, its version counter, T). patch()
+# hands one positions tensor to every patched layer of a step, so this makes the check's
+# device-to-host sync once per step rather than once per layer. Any in-place change of
+# the tensor through torch bumps its version and forces a new check.
+_last_valid_positions = (None, -1, -1)
+
+
 def _validate_positions_cuda(op, lib, h, positions, R, W, b, stream):
+    """Checks positions before any write. Returns None when they are known valid, or a
+    device int32 status the forward kernel reads (nonzero: it writes nothing).
+
+    Eager: one device check and one sync (the status is read back so that bad positions
+    raise ValueError before anything is written), skipped when `positions` is the tensor
+    validated last and unchanged. Under CUDA graph capture (torch.compile with
+    mode="reduce-overhead") nothing can be read back: the check kernel is captured and the
+    forward kernel skips its writes on a nonzero status, so invalid positions leave h
+    untouched but cannot raise. The kernels never touch rows outside [0, T) in any case.
+    """
+    global _last_valid_positions
+    if positions.numel() == 0:
+        return None
+    capturing = torch.cuda.is_current_stream_capturing()
+    T = h.shape[1]
+    trackable = not positions.is_inference()
+    if not capturing and trackable:
+        ref, version, t_ok = _last_valid_positions
+        if ref is not None and ref() is positions and positions._version == version \
+                and t_ok == T:
+            return None
     status = torch.zeros((1,), dtype=torch.int32, device=h.device)
     lib.check_positions_cuda(*_problem(h, positions, R, W, b, stream), status.data_ptr())
+    if capturing:
+        return status
     if int(status.item()):  # one sync: an invalid edit must raise before any write
         # The CPU checker finds and words the offending entry; it reads only the positions.
         _raise_if(op, _native.lib().check_positions_cpu(*_problem(h, positions.cpu(), R, W, b)))
         raise ValueError(f"reft_ext.{op}: invalid positions")
+    if trackable:
+        _last_valid_positions = (weakref.ref(positions), positions._version, T)
+    return None
