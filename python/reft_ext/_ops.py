@@ -126,8 +126,8 @@ def _fwd_inplace_cpu(h, positions, R, W, b, save_rows):
     R, W, b = _contig_params(R, W, b)
     B, T, d = h.shape
     P = positions.shape[1]
-    # Zeros, not empty: the kernel skips the slots of -1 positions, and an op must not return
-    # uninitialised memory (nondeterministic output; opcheck's AOT check catches it).
+    # Empty, not zeros: the kernel writes every slot of saved (zeros for -1 slots), so the
+    # op never returns uninitialised memory (opcheck's AOT check would catch it).
     saved = h.new_empty((B, P, d) if save_rows else (0,))
     saved_rows = _rows(saved) if save_rows else (0, 0, 0)
     _raise_if("loreft_", _native.lib().forward_cpu(*_problem(h, positions, R, W, b),
