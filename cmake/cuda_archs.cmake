@@ -1,6 +1,11 @@
 # Default CUDA architectures: the GPUs people train on. Overridden by
 # CMAKE_CUDA_ARCHITECTURES (or the CUDAARCHS environment variable, which CMake reads).
-# Real SASS for each, plus PTX of the newest so that future GPUs can JIT it.
+# Real SASS for each, plus PTX of the newest so that future GPUs can JIT it. SASS runs on
+# later minor revisions of the same major (sm_100 on sm_103, sm_120 on sm_121), so one
+# entry per major is enough; sm_75 is the oldest nvcc 13 still targets.
+# Device code is C++17 like the host code (nvcc's default follows the host compiler).
+set(CMAKE_CUDA_STANDARD 17)
+set(CMAKE_CUDA_STANDARD_REQUIRED ON)
 if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})
   include(CheckLanguage)
   # Toolkit version is known only after the compiler is found.
