@@ -80,10 +80,13 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("cpu_isa", &reft::cpu_isa, "Instruction set of the CPU kernels on this machine.");
+  m.attr("cxx_compiler") = std::string(REFT_EXT_CXX_COMPILER);
 
 #ifdef REFT_EXT_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def("cuda_runtime_version", &reft::cuda_runtime_version);
+  m.def("cuda_driver_version", &reft::cuda_driver_version);
+  m.attr("cuda_compiler") = std::string(REFT_EXT_CUDA_COMPILER);
   m.attr("cuda_archs") = std::string(reft::cuda_archs());
   m.def("cuda_device_count", [] {
     int count = 0;

@@ -106,6 +106,7 @@ int64_t loreft_backward_cuda_workspace(const Problem& p);
 
 // Build information for reft_ext.build_info().
 int cuda_runtime_version();  // CUDART_VERSION the module was built with, e.g. 13000
+int cuda_driver_version();   // CUDA version the installed driver supports; 0 if none
 const char* cuda_archs();    // e.g. "75-real,80-real,...,120-virtual"
 // Returns 0 and fills count, or the cudaError_t code with a readable reason in msg (no
 // driver, no device): never crashes on a machine without a GPU.

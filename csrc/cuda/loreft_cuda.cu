@@ -121,6 +121,12 @@ int64_t loreft_backward_cuda_workspace(const Problem& p) {
 
 int cuda_runtime_version() { return CUDART_VERSION; }
 
+int cuda_driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) v = 0;  // no driver installed
+  return v;
+}
+
 const char* cuda_archs() { return REFT_EXT_CUDA_ARCHS; }
 
 int cuda_device_count(int* count, char* msg, int64_t msg_size) {

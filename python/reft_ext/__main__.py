@@ -51,14 +51,18 @@ def main(argv=None) -> int:
     if not info["native_loaded"]:
         print(f"native module: NOT LOADED ({info['native_error']})")
         return 1
+    print(f"compiled with {info['compiler']}"
+          + (f" and {info['cuda_compiler']}" if info["cuda_compiler"] else ""))
     if info["cuda_kernels"]:
         print(f"CUDA kernels: built with CUDA {info['cuda_runtime']} for "
-              f"{', '.join(info['cuda_archs'])}; {info['cuda_status']}")
+              f"{', '.join(info['cuda_archs'])}; driver supports CUDA "
+              f"{info['cuda_driver'] or '(no driver)'}; {info['cuda_status']}")
     else:
         print("CUDA kernels: not built (CPU kernels only)")
     print(f"CPU kernels: {info['cpu_isa']}, {torch.get_num_threads()} threads")
     print("self-check " + self_check("cpu"))
-    if info["cuda_kernels"] and info["cuda_devices"] and torch.cuda.is_available():
+    if info["cuda_kernels"] and info["cuda_status"].endswith("usable") and \
+            torch.cuda.is_available():
         print("self-check " + self_check("cuda"))
     return 0
 

@@ -20,6 +20,7 @@ import weakref
 import torch
 
 from . import _native
+from ._build import cuda_problem
 from ._checks import check_inputs
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -156,12 +157,10 @@ def _bwd_cpu(grad, positions, x, x_gathered, R, W, b):
 # CUDA kernels (csrc/cuda). Launched on the caller's current stream.
 
 def _cuda_lib(op: str, device: torch.device):
-    lib = _native.lib()
-    if not lib.has_cuda:
-        raise RuntimeError(
-            f"reft_ext.{op}: tensors are on {device} but this build of reft_ext has no CUDA "
-            "kernels; install a CUDA wheel or rebuild with REFT_EXT_CUDA=ON")
-    return lib
+    problem = cuda_problem(device)
+    if problem is not None:
+        raise RuntimeError(f"reft_ext.{op}: tensors are on {device} but {problem}")
+    return _native.lib()
 
 
 def _check_rank_cuda(op: str, lib, R: torch.Tensor) -> None:
