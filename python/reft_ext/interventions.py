@@ -1,0 +1,237 @@
+"""Intervention modules: LoReFT (orthonormal R, fused op) and DiReFT.
+
+Every module here has the same call contract, which is what :func:`reft_ext.patch` uses:
+
+    module(h, positions, inplace=True) -> Tensor
+
+    h:         (B, T, d) hidden states of one layer
+    positions: (B, P) int64, token indices in [0, T) or -1 for an empty slot, no repeats
+               within a row
+    returns    h itself, edited at the selected rows (inplace=True), or a new tensor
+               (inplace=False); every unselected row is bitwise unchanged.
+
+A custom intervention for ``patch(..., intervention=factory)`` only needs to follow it.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import torch
+from torch import nn
+
+from .functional import loreft, loreft_
+from .reference import loreft_reference, loreft_reference_
+
+__all__ = ["LoReFT", "DiReFT", "orthonormal_rows"]
+
+_BACKENDS = ("fused", "reference")
+
+
+def orthonormal_rows(A: torch.Tensor) -> torch.Tensor:
+    """Differentiable orthonormalisation of the rows of A by a sign-fixed thin QR.
+
+    Args:
+        A: (r, d) with r <= d and full row rank.
+
+    Returns:
+        R: (r, d) with R @ R.T = I (to the dtype's precision), spanning the same row space
+        as A: R = (Q * s).T where A.T = Q Rq is the thin QR (Q: (d, r)) and
+        s = sign(diag(Rq)) (+1 where 0). The sign fix makes the map A -> R unique and
+        continuous (it equals Gram-Schmidt of A's rows), so gradient steps on A move R
+        smoothly. R does not depend on A's scale: weight decay on A cannot shrink or
+        collapse R. Cost O(d r^2) time, O(d r) memory, once per call.
+    """
+    if A.dim() != 2 or A.shape[0] > A.shape[1]:
+        raise ValueError(f"reft_ext.orthonormal_rows: A must have shape (r, d) with r <= d, "
+                         f"got {tuple(A.shape)}")
+    Q, Rq = torch.linalg.qr(A.T)                      # Q: (d, r), Rq: (r, r)
+    diag = torch.diagonal(Rq)
+    s = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
+    return (Q * s).T                                  # (r, d), row-major contiguous
+
+
+def _default_dtype(dtype):
+    return torch.float32 if dtype is None else dtype
+
+
+def _check_common(cls, d, rank, dropout, backend):
+    if not (isinstance(d, int) and d >= 1):
+        raise ValueError(f"reft_ext.{cls}: d must be a positive int, got {d!r}")
+    if not (isinstance(rank, int) and 1 <= rank <= d):
+        raise ValueError(f"reft_ext.{cls}: rank must be an int in [1, d={d}], got {rank!r}")
+    if not (0.0 <= float(dropout) < 1.0):
+        raise ValueError(f"reft_ext.{cls}: dropout must be in [0, 1), got {dropout!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"reft_ext.{cls}: backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def _apply(h, positions, R, W, b, inplace, backend, dropout, training):
+    """Runs Phi(x) = x + (x W^T + b - x R^T) R at the selected rows of h."""
+    if dropout > 0.0 and training:
+        return _apply_dropout(h, positions, R, W, b, inplace, dropout)
+    if backend == "fused":
+        return loreft_(h, positions, R, W, b) if inplace else loreft(h, positions, R, W, b)
+    return (loreft_reference_(h, positions, R, W, b) if inplace
+            else loreft_reference(h, positions, R, W, b))
+
+
+def _apply_dropout(h, positions, R, W, b, inplace, p):
+    """Pure-PyTorch path used only when dropout is active (training and p > 0).
+
+    Dropout acts on the edit, not on the hidden state: y = x + dropout(z R), so unselected
+    rows and the kept part of x are never rescaled. (pyreft drops out the whole output row
+    x + z R instead, which also rescales x by 1/(1-p).)
+    """
+    bi, pj = (positions >= 0).nonzero(as_tuple=True)
+    t = positions[bi, pj].long()
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    x = h[bi, t].to(acc)                                       # (N, d)
+    Ra = R.to(acc)
+    delta = (x @ W.to(acc).T + b.to(acc) - x @ Ra.T) @ Ra      # (N, d)
+    y = (x + nn.functional.dropout(delta, p, training=True)).to(h.dtype)
+    out = h if inplace else h.clone()
+    out[bi, t] = y
+    return out
+
+
+class LoReFT(nn.Module):
+    """LoReFT intervention Phi(h) = h + R^T (W h + b - R h) with orthonormal rows in R.
+
+    Args:
+        d: hidden size.
+        rank: r, 1 <= r <= d.
+        dtype: parameter dtype (default float32, also on a bf16/fp16 model).
+        device: parameter device.
+        dropout: probability of dropping elements of the edit z R at the edited rows during
+            training (see :func:`_apply_dropout`); 0 (default) keeps the fused path.
+        backend: "fused" (reft_ext.loreft_, default) or "reference" (the pure-PyTorch
+            reft_ext.reference implementation; same semantics, for tests and benchmarks).
+
+    Parameters:
+        rotate_raw: (r, d) unconstrained; ``R = orthonormal_rows(rotate_raw)`` is evaluated
+            once per forward (O(d r^2), no d x d buffer). Initialised with orthonormal rows.
+        weight: (r, d) = W, bias: (r,) = b, initialised like pyreft's ``learned_source``
+            (nn.Linear(d, r) default: U(-1/sqrt(d), 1/sqrt(d))).
+
+    ``.R``, ``.W``, ``.b`` return the (r, d), (r, d), (r,) tensors used by forward.
+    """
+
+    def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
+                 device=None, dropout: float = 0.0, backend: str = "fused"):
+        super().__init__()
+        _check_common("LoReFT", d, rank, dropout, backend)
+        kw = dict(dtype=_default_dtype(dtype), device=device)
+        self.d, self.rank, self.dropout, self.backend = d, rank, float(dropout), backend
+        self.rotate_raw = nn.Parameter(torch.empty(rank, d, **kw))
+        self.weight = nn.Parameter(torch.empty(rank, d, **kw))
+        self.bias = nn.Parameter(torch.empty(rank, **kw))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Orthonormal rotate_raw; W, b as nn.Linear(d, r). Draws from torch's global RNG."""
+        nn.init.orthogonal_(self.rotate_raw)
+        bound = 1.0 / math.sqrt(self.d)
+        nn.init.uniform_(self.weight, -bound, bound)   # = kaiming_uniform_(a=sqrt(5))
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def R(self) -> torch.Tensor:
+        """(r, d) tensor with orthonormal rows (differentiable in rotate_raw)."""
+        return orthonormal_rows(self.rotate_raw)
+
+    @property
+    def W(self) -> torch.Tensor:
+        """(r, d)."""
+        return self.weight
+
+    @property
+    def b(self) -> torch.Tensor:
+        """(r,)."""
+        return self.bias
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor,
+                inplace: bool = True) -> torch.Tensor:
+        """h: (B, T, d); positions: (B, P) int64 with -1 for empty slots. See module doc."""
+        return _apply(h, positions, self.R, self.weight, self.bias, inplace, self.backend,
+                      self.dropout, self.training)
+
+    def extra_repr(self) -> str:
+        return (f"d={self.d}, rank={self.rank}, dtype={self.weight.dtype}, "
+                f"dropout={self.dropout}, backend={self.backend!r}")
+
+
+class DiReFT(nn.Module):
+    """DiReFT intervention Phi(h) = h + W2^T (W1 h + b): no orthogonality, no -R h term.
+
+    It runs through the same LoReFT kernel by an exact algebraic identity: with R := W2 and
+    W := W1 + W2,
+
+        h + R^T (W h + b - R h) = h + W2^T ((W1 + W2) h + b - W2 h) = h + W2^T (W1 h + b).
+
+    The kernel's gradient formulas do not assume orthonormal R, and autograd maps the
+    gradient of W back to both W1 and W2, so gradients are exact too. Numerically the
+    kernel computes (W1 + W2) h - W2 h in float32 (float64 for float64 h), which adds an
+    error of order eps_fp32 * |W2 h| to W1 h: negligible at the scale of the init.
+
+    Args/backends/dropout as :class:`LoReFT`. Parameters: ``weight`` = W1 (r, d),
+    ``bias`` = b (r,) (pyreft's learned_source) and ``proj`` = W2 (r, d) (pyreft's
+    proj_layer.weight), all initialised as nn.Linear(d, r).
+    """
+
+    def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
+                 device=None, dropout: float = 0.0, backend: str = "fused"):
+        super().__init__()
+        _check_common("DiReFT", d, rank, dropout, backend)
+        kw = dict(dtype=_default_dtype(dtype), device=device)
+        self.d, self.rank, self.dropout, self.backend = d, rank, float(dropout), backend
+        self.weight = nn.Parameter(torch.empty(rank, d, **kw))
+        self.bias = nn.Parameter(torch.empty(rank, **kw))
+        self.proj = nn.Parameter(torch.empty(rank, d, **kw))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.d)
+        for p in (self.weight, self.bias, self.proj):
+            nn.init.uniform_(p, -bound, bound)
+
+    @property
+    def W1(self) -> torch.Tensor:
+        """(r, d)."""
+        return self.weight
+
+    @property
+    def W2(self) -> torch.Tensor:
+        """(r, d)."""
+        return self.proj
+
+    @property
+    def b(self) -> torch.Tensor:
+        """(r,)."""
+        return self.bias
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor,
+                inplace: bool = True) -> torch.Tensor:
+        """h: (B, T, d); positions: (B, P) int64 with -1 for empty slots. See module doc."""
+        return _apply(h, positions, self.proj, self.weight + self.proj, self.bias, inplace,
+                      self.backend, self.dropout, self.training)
+
+    def extra_repr(self) -> str:
+        return (f"d={self.d}, rank={self.rank}, dtype={self.weight.dtype}, "
+                f"dropout={self.dropout}, backend={self.backend!r}")
+
+
+class _InterventionsModule(types.ModuleType):
+    """Makes ``reft_ext.interventions(model)`` (:func:`reft_ext.patch.interventions`, the
+    {layer index: module} map of a patched model) callable while ``reft_ext.interventions``
+    stays this module, so neither shadows the other."""
+
+    def __call__(self, model):
+        from .patch import interventions
+        return interventions(model)
+
+
+sys.modules[__name__].__class__ = _InterventionsModule

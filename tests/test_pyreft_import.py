@@ -1,0 +1,334 @@
+"""reft_ext.load_pyreft: importing pyreft / pyvene save directories.
+
+pyreft is not installed: the tests write such directories themselves, in the layout
+pyvene's IntervenableModel.save produces (config.json with positional representation
+lists, class-name intervention types, sorted_keys; one torch.save'd state dict per
+intervention, intkey_<key>.bin), with rotate layers made by torch's own orthogonal
+parametrization, the one pyreft registers.
+
+Tolerances. The reference is pyreft's formula evaluated in float64 on the file's values:
+    LoReFT        h + (W h + b - R h) R            with R = rotate_layer^T
+    NodiReFT      h + (W1 h + b) W2
+    DiReFT        h + (W h + b) R
+reft_ext evaluates it in float32 with R' = orthonormal_rows(R) (the import sets
+rotate_raw = R). R' differs from R by at most about max|R R^T - I| + a few eps (measured
+<= 1.5 eps32 for d <= 4096, r <= 32), so the edit obeys the test suite's rule
+(tests/_util.py: <= 2 x PyTorch's own float32 error + 4 ulps), with PyTorch's error
+taken from the same formula evaluated eagerly in the parameters' dtypes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import reft_ext
+from reft_ext.io import CheckpointError
+from _util import assert_bitwise_equal, assert_within_rule, make_positions
+from test_io import assert_same_snapshot, llama, snapshot
+from test_patch_util import batch
+
+D, R_ = 32, 4
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def rotate_layer_module(d, r, seed):
+    """pyreft's rotate layer: a (d, r) weight under torch's orthogonal parametrization,
+    moved away from its init the way training moves it (the strictly lower triangle of
+    the householder reflectors; the diagonal holds signs)."""
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Module()
+    m.weight = nn.Parameter(torch.empty(d, r))
+    nn.init.orthogonal_(m.weight, generator=g)
+    nn.utils.parametrizations.orthogonal(m)
+    with torch.no_grad():
+        m.parametrizations.weight.original.add_(
+            0.3 * torch.randn(d, r, generator=g).tril(-1))
+    return m
+
+
+def loreft_state(d, r, seed, wdtype=torch.bfloat16, style="current"):
+    """A LoreftIntervention state dict: pyreft's own override (weight, bias, rotate_layer)
+    or (style="module") nn.Module.state_dict of the old ConditionedSource... class."""
+    g = torch.Generator().manual_seed(seed + 1)
+    rot = rotate_layer_module(d, r, seed)
+    W = (torch.randn(r, d, generator=g) / d ** 0.5).to(wdtype)
+    b = torch.randn(r, generator=g).to(wdtype)
+    if style == "current":
+        sd = OrderedDict(weight=W, bias=b, rotate_layer=rot.weight.detach().clone())
+    else:
+        sd = OrderedDict({"learned_source.weight": W, "learned_source.bias": b})
+        for k, v in rot.state_dict().items():
+            sd[f"rotate_layer.{k}"] = v
+        sd["embed_dim"] = torch.tensor(d)
+        sd["interchange_dim"] = torch.tensor(d)
+    return sd, {"R": rot.weight.detach().T.clone(), "W": W, "b": b}
+
+
+def write_pyreft_dir(path, layers, states, cls="LoreftIntervention", rank=R_, d=D,
+                     key_style="new", component="block_output"):
+    """config.json + intkey_*.bin as pyvene's save writes them."""
+    path.mkdir(parents=True, exist_ok=True)
+    reprs, keys = [], []
+    for layer, sd in zip(layers, states):
+        comp = component.format(layer=layer)
+        reprs.append([layer, comp, "pos", 1, rank, None, None, None, None, None, None, None,
+                      None, None])
+        if "." in comp:
+            key = f"comp_{comp.replace('.', '_')}_unit_pos_nunit_1#0"
+        elif key_style == "new":
+            key = f"layer_{layer}_comp_{comp}_unit_pos_nunit_1#0"
+        else:
+            key = f"layer.{layer}.comp.{comp}.unit.pos.nunit.1#0"
+        keys.append(key)
+        torch.save(sd, path / f"intkey_{key}.bin")
+    cls_list = cls if isinstance(cls, list) else [cls] * len(layers)
+    cfg = {"model_type": "None", "representations": reprs,
+           "intervention_types": [f"<class 'pyreft.interventions.{c}'>" for c in cls_list],
+           "mode": "parallel", "sorted_keys": keys, "intervention_dimensions": [d] * len(layers),
+           "intervention_constant_sources": [False] * len(layers),
+           "transformers_version": "4.40.1"}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return keys
+
+
+def formula64(kind, h, positions, t):
+    """pyreft's formulas in float64 at the selected rows; returns float64."""
+    out = h.double().clone()
+    bi, pj = (positions >= 0).nonzero(as_tuple=True)
+    x = out[bi, positions[bi, pj]]
+    if kind == "loreft":
+        R, W, b = (t[k].double() for k in ("R", "W", "b"))
+        y = x + (x @ W.T + b - x @ R.T) @ R
+    else:
+        W1, W2, b = (t[k].double() for k in ("W1", "W2", "b"))
+        y = x + (x @ W1.T + b) @ W2
+    out[bi, positions[bi, pj]] = y
+    return out
+
+
+def formula_same(kind, h, positions, t):
+    """The same formula eagerly in the files' dtypes (pyreft computes W h + b in W's
+    dtype, the rotation in R's), accumulated in float32: PyTorch's own error."""
+    out = h.clone()
+    bi, pj = (positions >= 0).nonzero(as_tuple=True)
+    x = h[bi, positions[bi, pj]]
+    if kind == "loreft":
+        R, W, b = t["R"], t["W"], t["b"]
+        src = (x.to(W.dtype) @ W.T + b).float()
+        y = x.float() + (src - x.float() @ R.float().T) @ R.float()
+    else:
+        W1, W2, b = t["W1"], t["W2"], t["b"]
+        y = x.float() + (x.to(W1.dtype) @ W1.T + b).float() @ W2.float()
+    out[bi, positions[bi, pj]] = y.to(h.dtype)
+    return out
+
+
+def check_intervention(kind, module, t, h_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, 11, D, generator=g).to(h_dtype)
+    pos = make_positions(g, 3, 11, 5)
+    with torch.no_grad():
+        ours = module(h.clone(), pos, inplace=False)
+    assert_within_rule(f"{kind} edit", ours, formula64(kind, h, pos, t),
+                       formula_same(kind, h, pos, t))
+
+
+@pytest.mark.parametrize("key_style", ["new", "old"])
+@pytest.mark.parametrize("state_style", ["current", "module"])
+def test_import_loreft(key_style, state_style, tmp_path):
+    base = llama()
+    layers = [2, 0]
+    states, truth = zip(*(loreft_state(D, R_, seed=10 + i, style=state_style)
+                          for i in layers))
+    cls = "LoreftIntervention" if state_style == "current" else \
+        "ConditionedSourceLowRankRotatedSpaceIntervention"
+    write_pyreft_dir(tmp_path / "pyreft", layers, states, cls=cls, key_style=key_style)
+    rng = torch.get_rng_state()
+    model = reft_ext.load_pyreft(copy.deepcopy(base), tmp_path / "pyreft", positions="f2+l2")
+    assert torch.equal(torch.get_rng_state(), rng)     # the patch() init does not leak out
+    mods = reft_ext.interventions(model)
+    assert list(mods) == layers
+    for i, t in zip(layers, truth):
+        m = mods[i]
+        assert isinstance(m, reft_ext.LoReFT) and (m.d, m.rank) == (D, R_)
+        assert m.weight.dtype == torch.float32          # bf16 W, b widened exactly
+        assert_bitwise_equal(m.weight.detach(), t["W"].float(), "W")
+        assert_bitwise_equal(m.bias.detach(), t["b"].float(), "b")
+        assert_bitwise_equal(m.rotate_raw.detach(), t["R"], "rotate_raw")
+        R = t["R"].double()
+        orth = (R @ R.T - torch.eye(R_, dtype=torch.float64)).abs().max().item()
+        err = (m.R.detach().double() - R).abs().max().item()
+        assert err <= orth + 4 * EPS32, (err, orth)
+        check_intervention("loreft", m, t, torch.float32, seed=i)
+        check_intervention("loreft", m, t, torch.bfloat16, seed=i + 100)
+
+    # the whole model: pyreft's formula at positions f2+l2 of every prompt, via hooks
+    ids, mask = batch()
+    pos = reft_ext.positions_from_mask("f2+l2", mask)
+    ref = copy.deepcopy(base)
+    for i, t in zip(layers, truth):
+        def hook(mod, args, out, t=t):
+            return formula64("loreft", out, pos, t).to(out.dtype)
+        ref.model.layers[i].register_forward_hook(hook)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        plain = base(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    assert (want - plain).abs().max() > 1e-2            # the edit is not a no-op
+
+    # a reft_ext save of the imported model reloads bitwise
+    reft_ext.save(model, tmp_path / "ours")
+    again = reft_ext.load(copy.deepcopy(base), tmp_path / "ours")
+    with torch.no_grad():
+        assert_bitwise_equal(again(input_ids=ids, attention_mask=mask).logits, ours, "logits")
+
+
+def test_import_component_path_and_dtype(tmp_path):
+    """component 'model.layers[1].output' (pyvene's string access) and dtype=float64."""
+    base = llama().double()
+    sd, t = loreft_state(D, R_, seed=3, wdtype=torch.float32)
+    write_pyreft_dir(tmp_path / "p", [1], [sd], component="model.layers[{layer}].output")
+    model = reft_ext.load_pyreft(base, tmp_path / "p", positions="last", dtype=torch.float64)
+    m = reft_ext.interventions(model)[1]
+    assert m.weight.dtype == torch.float64
+    assert reft_ext.io.patch_config(model)["layer_path"] == "model.layers"
+
+
+def _direft_state(cls, seed):
+    g = torch.Generator().manual_seed(seed)
+    W1 = (torch.randn(R_, D, generator=g) / D ** 0.5).to(torch.bfloat16)
+    b = torch.randn(R_, generator=g).to(torch.bfloat16)
+    sd = OrderedDict({"embed_dim": torch.tensor(D), "interchange_dim": torch.tensor(D),
+                      "learned_source.weight": W1, "learned_source.bias": b})
+    if cls == "NodireftIntervention":
+        W2 = (torch.randn(R_, D, generator=g) / D ** 0.5).to(torch.bfloat16)
+        sd["proj_layer.weight"] = W2
+    else:
+        rot = rotate_layer_module(D, R_, seed)
+        for k, v in rot.state_dict().items():
+            sd[f"rotate_layer.{k}"] = v
+        W2 = rot.weight.detach().T.clone()
+    return sd, {"W1": W1, "W2": W2, "b": b}
+
+
+@pytest.mark.parametrize("cls", ["NodireftIntervention", "DireftIntervention"])
+def test_import_direft_family(cls, tmp_path):
+    sd, t = _direft_state(cls, seed=5)
+    write_pyreft_dir(tmp_path / "p", [1], [sd], cls=cls)
+    model = reft_ext.load_pyreft(llama(), tmp_path / "p", positions="all")
+    m = reft_ext.interventions(model)[1]
+    assert isinstance(m, reft_ext.DiReFT)
+    assert_bitwise_equal(m.proj.detach(), t["W2"].float(), "W2")
+    check_intervention("direft", m, t, torch.float32, seed=1)
+
+
+BAD = {
+    "noreft": ("NoreftIntervention", r"unsupported pyreft intervention type\(s\) "
+                                     r"\['NoreftIntervention'\]"),
+    "consreft": ("ConsreftIntervention", "'ConsreftIntervention'"),
+    "mixed": (["LoreftIntervention", "NodireftIntervention"], "mixed intervention types"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_unsupported_types_name_them(case, tmp_path):
+    cls, msg = BAD[case]
+    states = [loreft_state(D, R_, seed=i)[0] for i in range(2)]
+    write_pyreft_dir(tmp_path / "p", [0, 1], states, cls=cls)
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=msg):
+        reft_ext.load_pyreft(model, tmp_path / "p", positions="f1+l1")
+    assert_same_snapshot(before, snapshot(model))
+
+
+def _edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _bad_dir(kind, path):
+    sd, _ = loreft_state(D, R_, seed=1)
+    if kind == "two-per-layer":       # share_weights=False: f and l positions split
+        write_pyreft_dir(path, [1, 1], [sd, sd])
+        (path / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin").rename(
+            path / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#1.bin")
+        torch.save(sd, path / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin")
+        return
+    write_pyreft_dir(path, [1], [sd])
+    key = "layer_1_comp_block_output_unit_pos_nunit_1#0"
+    if kind == "component":
+        _edit_config(path, lambda c: c["representations"][0].__setitem__(1, "mlp_output"))
+    elif kind == "unit":
+        _edit_config(path, lambda c: c["representations"][0].__setitem__(2, "h.pos"))
+    elif kind == "missing-bin":
+        (path / f"intkey_{key}.bin").unlink()
+    elif kind == "rank-mismatch":
+        _edit_config(path, lambda c: c["representations"][0].__setitem__(4, 3))
+    elif kind == "not-orthonormal":
+        sd["rotate_layer"] = sd["rotate_layer"] * 2
+        torch.save(sd, path / f"intkey_{key}.bin")
+    elif kind == "unexpected-tensor":
+        sd["mystery"] = torch.zeros(3)
+        torch.save(sd, path / f"intkey_{key}.bin")
+    elif kind == "missing-weight":
+        del sd["weight"]
+        torch.save(sd, path / f"intkey_{key}.bin")
+    elif kind == "pickle":             # arbitrary objects: refused by weights_only=True
+        torch.save({"weight": sd["weight"], "bias": sd["bias"], "rotate_layer": sd["rotate_layer"],
+                    "obj": _Evil()}, path / f"intkey_{key}.bin")
+    elif kind == "other-d":
+        sd2, _ = loreft_state(48, R_, seed=1)
+        torch.save(sd2, path / f"intkey_{key}.bin")
+        _edit_config(path, lambda c: c.update(intervention_dimensions=[48]))
+    elif kind == "no-config":
+        (path / "config.json").unlink()
+    elif kind == "not-pyvene":
+        (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    else:
+        raise AssertionError(kind)
+
+
+class _Evil:
+    pass
+
+
+BAD_DIRS = {
+    "two-per-layer": "several interventions on layer\\(s\\) \\[1\\]",
+    "component": "component 'mlp_output' is not supported",
+    "unit": "unit 'h.pos' is not supported",
+    "missing-bin": "no intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin",
+    "rank-mismatch": "expected \\(d, 3\\)",
+    "not-orthonormal": "not orthonormal",
+    "unexpected-tensor": "unexpected tensors \\['mystery'\\]",
+    "missing-weight": "has no weight / learned_source.weight",
+    "pickle": "cannot read .*intkey_",
+    "other-d": "has d=48 but this model's hidden size is 32",
+    "no-config": "cannot read .*config.json",
+    "not-pyvene": "no 'representations' list",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DIRS))
+def test_bad_pyreft_dirs_raise_before_any_change(kind, tmp_path):
+    _bad_dir(kind, tmp_path / "p")
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=BAD_DIRS[kind]):
+        reft_ext.load_pyreft(model, tmp_path / "p", positions="f1+l1")
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_patched_model_is_refused(tmp_path):
+    sd, _ = loreft_state(D, R_, seed=1)
+    write_pyreft_dir(tmp_path / "p", [1], [sd])
+    model = reft_ext.patch(llama(), [0], rank=2)
+    with pytest.raises(CheckpointError, match="already patched"):
+        reft_ext.load_pyreft(model, tmp_path / "p", positions="all")
