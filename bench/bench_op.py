@@ -54,14 +54,21 @@ def make_case(B, T, d, r, P, dtype, device, gen):
 
 def bench_case(B, T, d, r, P, dtype, device, reps, gen):
     leaf, pos, params, grad = make_case(B, T, d, r, P, dtype, device, gen)
-    fresh_h = lambda: leaf.clone()  # noqa: E731  (non-leaf, requires grad)
+    def fresh_h():
+        # A non-leaf h that requires grad, as a layer output in training. Gradients are
+        # dropped first: accumulating into .grad across repeats would add a (B, T, d) sum
+        # to every provider's timing that training does not pay.
+        for t in (leaf, *params):
+            t.grad = None
+        return leaf.clone()
+
     results = {}
     for name, fn in PROVIDERS.items():
         def fwd(h, fn=fn):
             return fn(h, pos, *params)
 
         def fwd_for_bwd(fn=fn):
-            return fn(leaf.clone(), pos, *params)
+            return fn(fresh_h(), pos, *params)
 
         def bwd(out):
             out.backward(grad)
@@ -73,8 +80,6 @@ def bench_case(B, T, d, r, P, dtype, device, reps, gen):
         results[(name, "bwd")] = common.measure(bwd, setup=fwd_for_bwd, reps=reps, device=device)
         results[(name, "fwd+bwd")] = common.measure(both, setup=fresh_h, reps=reps,
                                                     device=device)
-        for p in params:
-            p.grad = None
     return results
 
 
