@@ -434,3 +434,18 @@ def test_layer_output_containers(kind, skip):
     torch.testing.assert_close(out, expect)
     out.sum().backward()
     assert m.weight.grad is not None
+
+
+@pytest.mark.parametrize("spec,first,last,all_tokens", [
+    ("all", 0, 0, True), ("last", 0, 1, False), ("f3", 3, 0, False), ("l4", 0, 4, False)])
+@pytest.mark.parametrize("left", [True, False])
+def test_specs_and_padding_sides_match_reference(spec, first, last, all_tokens, left):
+    model, path = build("qwen2")
+    ref = copy.deepcopy(model)
+    ids, mask = batch(left=left)
+    torch.manual_seed(0)
+    reft_ext.patch(model, [1], rank=4, positions=spec)
+    P = 9 if all_tokens else first + last
+    pos = to_tensor(loop_positions(first, last, mask, all_tokens=all_tokens), P)
+    ReferenceHooks(ref, path, params_of(model), pos)
+    torch.testing.assert_close(call(model, ids, mask, "qwen2"), call(ref, ids, mask, "qwen2"))

@@ -45,7 +45,8 @@ class PositionSpec:
     def __str__(self) -> str:
         if self.all:
             return "all"
-        parts = ([f"f{self.first}"] if self.first else []) + ([f"l{self.last}"] if self.last else [])
+        parts = [f"f{self.first}"] if self.first else []
+        parts += [f"l{self.last}"] if self.last else []
         return "+".join(parts)
 
 
