@@ -222,3 +222,19 @@ def test_callable_modules_do_not_shadow():
     assert isinstance(mod_i, type(reft_ext)) and isinstance(mod_p, type(reft_ext))
     assert mod_i.LoReFT is LoReFT and mod_p.parse_positions is reft_ext.parse_positions
     assert reft_ext.interventions is mod_i and reft_ext.positions is mod_p
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loreft_16bit_parameters(dtype):
+    # torch's QR has no 16-bit kernel: init and R must still work, R orthonormal to the
+    # dtype's precision, and the forward/backward run on a model of the same dtype.
+    torch.manual_seed(0)
+    m = LoReFT(64, 4, dtype=dtype)
+    R = m.R
+    assert R.dtype == dtype and R.shape == (4, 64)
+    err = (R.float() @ R.float().T - torch.eye(4)).abs().max().item()
+    assert err < 8 * torch.finfo(dtype).eps
+    h = torch.randn(2, 5, 64, dtype=dtype).requires_grad_()
+    pos = torch.tensor([[0, 3], [4, -1]])
+    m(h.clone(), pos).float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())

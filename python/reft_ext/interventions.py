@@ -46,10 +46,12 @@ def orthonormal_rows(A: torch.Tensor) -> torch.Tensor:
     if A.dim() != 2 or A.shape[0] > A.shape[1]:
         raise ValueError(f"reft_ext.orthonormal_rows: A must have shape (r, d) with r <= d, "
                          f"got {tuple(A.shape)}")
-    Q, Rq = torch.linalg.qr(A.T)                      # Q: (d, r), Rq: (r, r)
+    # torch has no half-precision QR: factor 16-bit parameters in float32, round back.
+    work = A.float() if A.dtype in (torch.bfloat16, torch.float16) else A
+    Q, Rq = torch.linalg.qr(work.T)                   # Q: (d, r), Rq: (r, r)
     diag = torch.diagonal(Rq)
     s = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
-    return (Q * s).T                                  # (r, d), row-major contiguous
+    return (Q * s).T.to(A.dtype)                      # (r, d), row-major contiguous
 
 
 def _default_dtype(dtype):
@@ -132,7 +134,9 @@ class LoReFT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Orthonormal rotate_raw; W, b as nn.Linear(d, r). Draws from torch's global RNG."""
-        nn.init.orthogonal_(self.rotate_raw)
+        # orthogonal_ uses QR, which has no 16-bit kernel: initialise in float32.
+        self.rotate_raw.copy_(nn.init.orthogonal_(torch.empty_like(self.rotate_raw,
+                                                                   dtype=torch.float32)))
         bound = 1.0 / math.sqrt(self.d)
         nn.init.uniform_(self.weight, -bound, bound)   # = kaiming_uniform_(a=sqrt(5))
         nn.init.uniform_(self.bias, -bound, bound)
