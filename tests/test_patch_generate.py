@@ -97,14 +97,18 @@ def test_manual_decode_step_with_cache_is_not_edited():
     model, _ = build("llama")
     ids, mask = batch(left=True)
     reft_ext.patch(model, [0], rank=4, positions="all")
+    # The cache kwarg is `cache` in transformers 5 and `past_key_values` in 4.x.
+    key = "cache" if int(tf.__version__.split(".")[0]) >= 5 else "past_key_values"
     with torch.no_grad():
         cache = tf.DynamicCache(config=model.config)
-        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **{key: cache})
+        assert cache.get_seq_length() == ids.shape[1]
         step = torch.randint(3, 50, (3, 1))
         mask2 = torch.cat([mask, torch.ones_like(step)], 1)
-        a = model(input_ids=step, attention_mask=mask2, cache=copy.deepcopy(cache)).logits
+        a = model(input_ids=step, attention_mask=mask2, **{key: copy.deepcopy(cache)}).logits
         with reft_ext.disabled(model):
-            b = model(input_ids=step, attention_mask=mask2, cache=copy.deepcopy(cache)).logits
+            b = model(input_ids=step, attention_mask=mask2,
+                      **{key: copy.deepcopy(cache)}).logits
     assert torch.equal(a, b)
 
 

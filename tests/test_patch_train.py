@@ -52,10 +52,12 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_transformers5():
-    """transformers >= 5.23 checkpoints layer.forward: our hooks run once, outside.
-    (transformers 4.x is not installed here; its __call__-style checkpointing is covered by
-    test_gradient_checkpointing_hooks_rerun_in_recompute.)"""
+def test_gradient_checkpointing_transformers():
+    """transformers >= 5.23 checkpoints layer.forward: our hooks run once, outside; 4.x
+    checkpoints layer.__call__, so the hooks re-run in the backward recompute. CI runs this
+    file on 5.x and again on 4.57 (.ci/run); the __call__ style is also covered without
+    transformers by test_gradient_checkpointing_hooks_rerun_in_recompute."""
+    import transformers
     model, _ = build("llama")
     model.train()
     ids, mask = batch(left=False)
@@ -63,7 +65,10 @@ def test_gradient_checkpointing_transformers5():
     torch.manual_seed(0)
     reft_ext.patch(model, [0, 2], rank=4, positions="f2+l2")
     ckpt = copy.deepcopy(model)
-    ckpt.activation_checkpointing_enable()
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        ckpt.activation_checkpointing_enable()
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert ckpt.model.layers[0].gradient_checkpointing
     for m in (model, ckpt):
         m(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
