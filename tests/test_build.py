@@ -38,7 +38,7 @@ def test_arch_supported_without_ptx():
 def test_build_info_fields():
     info = reft_ext.build_info()
     assert info["native_loaded"] and info["version"] == reft_ext.__version__
-    assert info["cpu_isa"] in ("avx2+fma", "baseline")
+    assert info["cpu_isa"] in ("avx512", "avx2+fma", "baseline")
     assert info["compiler"]
     assert set(info["dtypes"]) == {"float32", "bfloat16", "float16", "float64"}
     if info["cuda_kernels"]:
@@ -64,3 +64,16 @@ def test_main_prints_build_and_self_check():
     assert "self-check cpu:" in out.stdout and "match the float64 reference" in out.stdout
     if _native.has_cuda_kernels():
         assert "built with CUDA" in out.stdout
+
+
+@pytest.mark.parametrize("cap, allowed", [("baseline", {"baseline"}),
+                                          ("avx2", {"avx2+fma", "baseline"})])
+def test_cpu_isa_can_be_capped(cap, allowed):
+    # REFT_EXT_CPU_ISA lets CI run the test suite on every kernel variant of one machine.
+    import os
+    env = dict(os.environ, REFT_EXT_CPU_ISA=cap)
+    out = subprocess.run([sys.executable, "-c",
+                          "import reft_ext; print(reft_ext.build_info()['cpu_isa'])"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] in allowed

@@ -3,7 +3,10 @@
 //
 // Work is split over the flattened (B*P) slot list. Threads come from the caller (torch's
 // get_num_threads()) and are plain std::threads: no second OpenMP runtime beside torch's.
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../reft_core.h"
@@ -21,19 +24,47 @@ void forward_any(const Problem& p, Rows io, Rows saved);
 void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, void* dR, void* dW,
                   void* db);
 }  // namespace avx2
+namespace avx512 {
+void forward_any(const Problem& p, Rows io, Rows saved);
+void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, void* dR, void* dW,
+                  void* db);
+}  // namespace avx512
 #endif
 
 namespace {
 
-bool use_avx2() {
+// The widest ISA this CPU supports, capped by REFT_EXT_CPU_ISA=baseline|avx2|avx512 (so
+// that tests and benchmarks can run every variant on one machine).
+enum Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+  int isa = kBaseline;
 #if defined(REFT_EXT_CPU_AVX2)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    isa = kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+      isa = kAvx512;
+  }
 #endif
+  if (const char* cap = std::getenv("REFT_EXT_CPU_ISA")) {
+    const int want = std::strcmp(cap, "baseline") == 0 ? kBaseline
+                     : std::strcmp(cap, "avx2") == 0   ? kAvx2
+                                                       : kAvx512;
+    isa = std::min(isa, want);
+  }
+  return Isa(isa);
 }
+
+Isa cpu_isa_level() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+bool use_avx512() { return cpu_isa_level() == kAvx512; }
+bool use_avx2() { return cpu_isa_level() == kAvx2; }
 
 inline int64_t position_at(const Positions& pos, int64_t i, int64_t j) {
   const char* base = static_cast<const char*>(pos.data);
@@ -44,7 +75,9 @@ inline int64_t position_at(const Positions& pos, int64_t i, int64_t j) {
 
 }  // namespace
 
-const char* cpu_isa() { return use_avx2() ? "avx2+fma" : "baseline"; }
+const char* cpu_isa() {
+  return use_avx512() ? "avx512" : use_avx2() ? "avx2+fma" : "baseline";
+}
 
 bool check_positions_cpu(const Problem& p, char* msg, int64_t msg_size) {
   std::vector<int64_t> seen_at;  // last row that used each token index, for large P
@@ -86,6 +119,7 @@ bool check_positions_cpu(const Problem& p, char* msg, int64_t msg_size) {
 
 void loreft_forward_cpu(const Problem& p, Rows io, Rows saved) {
 #if defined(REFT_EXT_CPU_AVX2)
+  if (use_avx512()) return avx512::forward_any(p, io, saved);
   if (use_avx2()) return avx2::forward_any(p, io, saved);
 #endif
   base::forward_any(p, io, saved);
@@ -94,6 +128,7 @@ void loreft_forward_cpu(const Problem& p, Rows io, Rows saved) {
 void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered, void* dR,
                          void* dW, void* db) {
 #if defined(REFT_EXT_CPU_AVX2)
+  if (use_avx512()) return avx512::backward_any(p, gio, x, x_gathered, dR, dW, db);
   if (use_avx2()) return avx2::backward_any(p, gio, x, x_gathered, dR, dW, db);
 #endif
   base::backward_any(p, gio, x, x_gathered, dR, dW, db);
