@@ -43,9 +43,13 @@ def self_check(device: str, seconds: float = 1.0) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "generate"):
+        from reft_ext.cli import run
+        return run(argv[0], argv[1:])
+
     import reft_ext
 
-    argv = sys.argv[1:] if argv is None else argv
     info = reft_ext.build_info()
     print(f"reft_ext {info['version']}  (torch {info['torch']})")
     if not info["native_loaded"]:

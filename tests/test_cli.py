@@ -1,0 +1,233 @@
+"""`reft-ext train` / `reft-ext generate` (reft_ext/cli.py): bad inputs, a tiny end-to-end
+run, and (slow) the built-in default run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import reft_ext  # noqa: E402
+from reft_ext.__main__ import main  # noqa: E402
+from reft_ext.cli import DEFAULT_DATA, DEFAULT_MODEL, load_data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer byte-level Llama (d=32) and six records."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from reft_ext._bytetok import ByteTokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=128, pad_token_id=256, bos_token_id=257,
+                      eos_token_id=258)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    ByteTokenizer().save(root / "model")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": w, "response": f"__{w}__"}) + "\n"
+                            for w in ["len", "iter", "add", "sub", "mul", "eq"]))
+    return root / "model", data
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _bad(capsys, *argv, match: str):
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("reft-ext "), lines
+    assert "Traceback" not in err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def test_train_missing_data(capsys, tmp_path, tiny):
+    model, _ = tiny
+    out = tmp_path / "out"
+    _bad(capsys, "train", "--model", str(model), "--data", str(tmp_path / "nope.jsonl"),
+         "--output", str(out), match="no such file")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", ":2: not valid JSON"),
+    ("[1, 2]", ":2: expected a JSON object"),
+    ('{"prompt": "x"}', ':2: "response" must be a non-empty string'),
+    ('{"prompt": 3, "response": "y"}', ':2: "prompt" must be a non-empty string'),
+])
+def test_train_malformed_jsonl(capsys, tmp_path, tiny, line, match):
+    model, _ = tiny
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n' + line + "\n")
+    out = tmp_path / "out"
+    _bad(capsys, "train", "--model", str(model), "--data", str(data), "--output", str(out),
+         match=match)
+    assert not out.exists()
+
+
+def test_train_model_not_a_causal_lm(capsys, tmp_path, tiny):
+    model, data = tiny
+    from transformers import DistilBertConfig
+    bert = tmp_path / "distilbert"
+    bert.mkdir()
+    DistilBertConfig(dim=32, n_layers=1, n_heads=2,
+                     hidden_dim=32).to_json_file(bert / "config.json")
+    out = tmp_path / "out"
+    _bad(capsys, "train", "--model", str(bert), "--data", str(data), "--output", str(out),
+         match="not a causal language model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _bad(capsys, "train", "--model", str(empty), "--data", str(data), "--output", str(out),
+         match="no config.json")
+    (empty / "config.json").write_text((model / "config.json").read_text())
+    _bad(capsys, "train", "--model", str(empty), "--data", str(data), "--output", str(out),
+         match="cannot load the model")
+    _bad(capsys, "train", "--model", str(tmp_path / "missing"), "--data", str(data),
+         "--output", str(out), match="no such directory")
+    assert not out.exists()
+
+
+def test_train_layers_and_rank_out_of_range(capsys, tmp_path, tiny):
+    model, data = tiny
+    out = tmp_path / "out"
+    common = ["train", "--model", str(model), "--data", str(data), "--output", str(out)]
+    _bad(capsys, *common, "--layers", "0,5", match="layer 5 is out of range")
+    _bad(capsys, *common, "--layers", "a", match="comma-separated integers")
+    _bad(capsys, *common, "--rank", "33", match="exceeds the hidden size d=32")
+    _bad(capsys, *common, "--rank", "0", match="must be >= 1")
+    _bad(capsys, *common, "--positions", "middle", match="--positions middle")
+    _bad(capsys, *common, "--steps", "x", match="invalid int value")
+    _bad(capsys, *common, "--no-such-flag", match="unrecognized arguments")
+    assert not out.exists()
+
+
+def test_train_refuses_foreign_output_dir(capsys, tmp_path, tiny):
+    model, data = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _bad(capsys, "train", "--model", str(model), "--data", str(data), "--output", str(out),
+         match="not a reft_ext checkpoint")
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+
+
+def test_train_then_generate(capsys, tmp_path, tiny):
+    model_dir, data = tiny
+    out = tmp_path / "ckpt"
+    rc, text, err = _run(capsys, "train", "--model", str(model_dir), "--data", str(data),
+                         "--steps", "3", "--batch-size", "4", "--rank", "2",
+                         "--layers", "0,1", "--heldout-fraction", "0.2",
+                         "--output", str(out))
+    assert rc == 0, err
+    assert "trainable params:" in text
+    assert "exact match" in text and "frozen base" in text and "with LoReFT" in text
+    assert "held-out prompts" in text and "tok/s" in text
+    cfg = json.loads((out / "reft_config.json").read_text())
+    assert cfg["layers"] == [0, 1] and cfg["rank"] == 2
+
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    reft_ext.load(base, out)
+    assert sorted(reft_ext.interventions(base)) == [0, 1]
+
+    rc, text, err = _run(capsys, "generate", "--model", str(model_dir), "--reft", str(out),
+                         "--prompt", "len", "--max-new-tokens", "4")
+    assert rc == 0, err
+    assert len(text.splitlines()) == 1
+    # retraining into the same checkpoint directory replaces it
+    rc, _, err = _run(capsys, "train", "--model", str(model_dir), "--data", str(data),
+                      "--steps", "1", "--output", str(out), "--examples", "0")
+    assert rc == 0, err
+
+
+def test_generate_bad_inputs(capsys, tmp_path, tiny):
+    model_dir, _ = tiny
+    _bad(capsys, "generate", "--model", str(model_dir), "--reft", str(tmp_path),
+         "--prompt", "x", match="not a reft_ext checkpoint directory")
+    _bad(capsys, "generate", "--model", str(model_dir), "--prompt", "x",
+         match="--reft")
+
+
+def test_builtin_model_and_data_ship():
+    records = load_data(DEFAULT_DATA)
+    assert len(records) >= 100
+    assert {r["split"] for r in records} == {"train", "heldout"}
+    assert all(r["prompt"].startswith("__") and r["response"] == "__" for r in records)
+    cfg = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    assert cfg["model_type"] == "llama"
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir())
+    assert size < 8 * 2**20
+
+
+def test_console_entry_bad_input_has_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-m", "reft_ext", "train", "--data",
+                        str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("reft-ext train: error: --data ")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_default_run(capsys, tmp_path):
+    """The README's first command: the built-in default trains and beats the frozen base."""
+    rc, text, err = _run(capsys, "train", "--output", str(tmp_path / "out"))
+    assert rc == 0, err
+    rows = {line.split("prompts")[0].strip(): line for line in text.splitlines()
+            if line.strip().startswith(("training prompts", "held-out prompts"))}
+    assert set(rows) == {"training", "held-out"}
+    pct = [float(x.rstrip("%)")) for x in rows["training"].replace("(", " ").split()
+           if x.endswith("%)")]
+    before, after = pct
+    assert before < 10 and after >= 80, text
+
+
+def test_train_with_hf_tokenizer(capsys, tmp_path, tiny):
+    """A user's model directory with a transformers tokenizer (here a byte-level BPE trained
+    offline) instead of the built-in byte tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    _, data = tiny
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["len iter add sub mul eq __len__ __iter__"] * 4,
+                           trainers.BpeTrainer(vocab_size=290,
+                                               special_tokens=["<pad>", "<s>", "</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    model_dir = tmp_path / "hf"
+    tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id)).save_pretrained(model_dir)
+    out = tmp_path / "ckpt"
+    rc, text, err = _run(capsys, "train", "--model", str(model_dir), "--data", str(data),
+                         "--steps", "2", "--output", str(out))
+    assert rc == 0, err
+    assert "with LoReFT" in text and (out / "reft_config.json").is_file()
+    rc, text, err = _run(capsys, "generate", "--model", str(model_dir), "--reft", str(out),
+                         "--prompt", "len", "--prompt", "add", "--max-new-tokens", "3")
+    assert rc == 0, err
+    assert len(text.splitlines()) == 2
