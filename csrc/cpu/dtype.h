@@ -1,4 +1,5 @@
-// Scalar conversions and the one dtype-dispatch macro of the CPU core.
+// Scalar conversions, the position-table lookup and the one dtype-dispatch macro of the CPU
+// core.
 //
 // Example:
 //   REFT_DISPATCH_FLOAT(p.h_dtype, scalar_t, [&] { run<scalar_t>(p); });
@@ -78,6 +79,14 @@ inline const char* dtype_name(int code) {
     case kFloat64: return "float64";
     default: return "unknown";
   }
+}
+
+// positions[i, j] of the (B, P) int64 or int32 position table.
+inline int64_t position_at(const Positions& pos, int64_t i, int64_t j) {
+  const char* base = static_cast<const char*>(pos.data);
+  if (pos.is_int64)
+    return reinterpret_cast<const int64_t*>(base)[i * pos.stride_b + j * pos.stride_p];
+  return reinterpret_cast<const int32_t*>(base)[i * pos.stride_b + j * pos.stride_p];
 }
 
 #define REFT_DISPATCH_FLOAT(CODE, NAME, ...)                               \

@@ -66,13 +66,6 @@ Isa cpu_isa_level() {
 bool use_avx512() { return cpu_isa_level() == kAvx512; }
 bool use_avx2() { return cpu_isa_level() == kAvx2; }
 
-inline int64_t position_at(const Positions& pos, int64_t i, int64_t j) {
-  const char* base = static_cast<const char*>(pos.data);
-  if (pos.is_int64)
-    return reinterpret_cast<const int64_t*>(base)[i * pos.stride_b + j * pos.stride_p];
-  return reinterpret_cast<const int32_t*>(base)[i * pos.stride_b + j * pos.stride_p];
-}
-
 }  // namespace
 
 const char* cpu_isa() {
