@@ -17,6 +17,14 @@ def _fail(op: str, msg: str, exc=ValueError):
     raise exc(f"reft_ext.{op}: {msg}")
 
 
+def check_inplace_layout(h) -> None:
+    """loreft_ edits rows through their data pointer: h needs unit stride along d."""
+    if h.stride(-1) != 1 and h.shape[-1] != 1:
+        _fail("loreft_", "h must have unit stride along its last dimension to be edited in "
+                         f"place (got strides {h.stride()}); use reft_ext.loreft for strided "
+                         "inputs")
+
+
 def check_inputs(op: str, h, positions, R, W, b) -> None:
     """Validates the metadata of a LoReFT call.
 
@@ -58,3 +66,5 @@ def check_inputs(op: str, h, positions, R, W, b) -> None:
     for name, t in (("positions", positions), ("R", R), ("W", W), ("b", b)):
         if t.device != h.device:
             _fail(op, f"{name} is on {t.device} but h is on {h.device}; move it to {h.device}")
+    if op == "loreft_":
+        check_inplace_layout(h)

@@ -21,7 +21,7 @@ import torch
 
 from . import _native
 from ._build import cuda_problem
-from ._checks import check_inputs
+from ._checks import check_inplace_layout, check_inputs
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -120,10 +120,7 @@ def _fwd_cpu(h, positions, R, W, b):
 
 @torch.library.impl("reft_ext::loreft_fwd_", "cpu")
 def _fwd_inplace_cpu(h, positions, R, W, b, save_rows):
-    if h.stride(-1) != 1 and h.shape[-1] != 1:
-        raise ValueError("reft_ext.loreft_: h must have unit stride along its last dimension "
-                         f"to be edited in place (got strides {h.stride()}); use "
-                         "reft_ext.loreft for strided inputs")
+    check_inplace_layout(h)
     R, W, b = _contig_params(R, W, b)
     B, T, d = h.shape
     P = positions.shape[1]
@@ -187,10 +184,7 @@ def _fwd_cuda(h, positions, R, W, b):
 @torch.library.impl("reft_ext::loreft_fwd_", "cuda")
 def _fwd_inplace_cuda(h, positions, R, W, b, save_rows):
     lib = _cuda_lib("loreft_", h.device)
-    if h.stride(-1) != 1 and h.shape[-1] != 1:
-        raise ValueError("reft_ext.loreft_: h must have unit stride along its last dimension "
-                         f"to be edited in place (got strides {h.stride()}); use "
-                         "reft_ext.loreft for strided inputs")
+    check_inplace_layout(h)
     _check_rank_cuda("loreft_", lib, R)
     with torch.cuda.device(h.device):
         R, W, b = _contig_params(R, W, b)
