@@ -6,7 +6,11 @@ Four providers, paired by form so each ratio compares like with like:
   fused_   reft_ext.loreft_  (in place)         vs  eager_   loreft_reference_ (index_put_)
 Modes: fwd (forward with autograd recording), bwd (backward alone), fwd+bwd. h is a fresh
 non-leaf tensor requiring grad each repeat (made untimed), parameters require grad, as in
-training. Also the per-call overhead of reft_ext.loreft on a tiny input without grad.
+training. The incoming gradient is, as in training, a fresh tensor that the layer above
+hands to autograd and nobody else holds (reft_ext then writes dx into it: see
+functional._owned); the modes "bwd, caller's grad" and "fwd+bwd, caller's grad" pass a
+gradient the caller keeps (out.backward(grad)), which reft_ext must copy. Also the per-call
+overhead of reft_ext.loreft on a tiny input without grad.
 
     python bench/bench_op.py                 # default shapes, 2 threads, ~3 min on 2 cores
     python bench/bench_op.py --quick         # fewer repeats (smoke test)
@@ -33,6 +37,21 @@ PROVIDERS = {
     "eager_": loreft_reference_,
 }
 PAIRS = [("eager", "fused"), ("eager_", "fused_"), ("eager", "fused_")]
+MODES = ("fwd", "bwd", "fwd+bwd", "bwd, caller's grad", "fwd+bwd, caller's grad")
+
+
+class _HandOver(torch.autograd.Function):
+    """A scalar whose backward returns a given tensor as the gradient of x and drops its
+    own reference: the gradient a layer above produces, owned by autograd alone."""
+
+    @staticmethod
+    def forward(ctx, x, box):
+        ctx.box = box
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.box.pop(), None
 
 
 def f7_l7(B, T, device):
@@ -62,24 +81,39 @@ def bench_case(B, T, d, r, P, dtype, device, reps, gen):
             t.grad = None
         return leaf.clone()
 
+    def fresh_grad():
+        return [grad.clone()]  # untimed; the list is the only holder until backward
+
     results = {}
     for name, fn in PROVIDERS.items():
         def fwd(h, fn=fn):
             return fn(h, pos, *params)
 
         def fwd_for_bwd(fn=fn):
-            return fn(fresh_h(), pos, *params)
+            return fn(fresh_h(), pos, *params), fresh_grad()
 
-        def bwd(out):
-            out.backward(grad)
+        def bwd(state):
+            out, box = state
+            _HandOver.apply(out, box).backward()
 
-        def both(h, fn=fn):
-            fn(h, pos, *params).backward(grad)
+        def bwd_caller(state):
+            state[0].backward(grad)
 
-        results[(name, "fwd")] = common.measure(fwd, setup=fresh_h, reps=reps, device=device)
-        results[(name, "bwd")] = common.measure(bwd, setup=fwd_for_bwd, reps=reps, device=device)
-        results[(name, "fwd+bwd")] = common.measure(both, setup=fresh_h, reps=reps,
-                                                    device=device)
+        def both(state, fn=fn):
+            h, box = state
+            _HandOver.apply(fn(h, pos, *params), box).backward()
+
+        def both_caller(state, fn=fn):
+            fn(state[0], pos, *params).backward(grad)
+
+        def h_and_grad():
+            return fresh_h(), fresh_grad()
+
+        for mode, f, setup in (("fwd", fwd, fresh_h), ("bwd", bwd, fwd_for_bwd),
+                               ("fwd+bwd", both, h_and_grad),
+                               ("bwd, caller's grad", bwd_caller, fwd_for_bwd),
+                               ("fwd+bwd, caller's grad", both_caller, h_and_grad)):
+            results[(name, mode)] = common.measure(f, setup=setup, reps=reps, device=device)
     return results
 
 
@@ -127,7 +161,7 @@ def main(argv=None):
                              "dtype": str(dtype).replace("torch.", ""),
                              "median_ms": s["median"] * 1e3, "p20_ms": s["p20"] * 1e3,
                              "p80_ms": s["p80"] * 1e3, "n": s["n"], **env})
-            for mode in ("fwd", "bwd", "fwd+bwd"):
+            for mode in MODES:
                 for base, fused in PAIRS:
                     ratio = res[(base, mode)]["median"] / res[(fused, mode)]["median"]
                     table.append([str(dtype).replace("torch.", ""), P, mode,

@@ -165,17 +165,28 @@ def assert_within_rule(what: str, fused: torch.Tensor, ref64: torch.Tensor,
     return tol
 
 
-def run_op(op, h, positions, R, W, b, grad_out, device, inplace: bool):
+GRAD_SOURCES = ("caller", "autograd", "params-only")
+
+
+def run_op(op, h, positions, R, W, b, grad_out, device, inplace: bool, grad_from="caller"):
     """Runs loreft (or loreft_ on a non-leaf copy) on `device` with grads; returns
-    (out, dh, dR, dW, db) where out is detached."""
-    leaf = h.detach().to(device).requires_grad_()
+    (out, dh, dR, dW, db) where out is detached.
+
+    grad_from: "caller" passes grad_out to out.backward (the caller keeps a reference, so
+    the op must not write into it); "autograd" makes it the gradient of (out * grad_out).sum()
+    (bitwise grad_out, held by autograd alone, so the op may write dx into it); "params-only"
+    is "autograd" with h not requiring grad (dh is returned as None)."""
+    leaf = h.detach().to(device).requires_grad_(grad_from != "params-only")
     params = [t.detach().to(device).requires_grad_() for t in (R, W, b)]
     pos = positions.to(device)
-    x = leaf.clone() if inplace else leaf
+    x = leaf.clone() if inplace else leaf  # loreft_ needs a non-leaf when h requires grad
     out = op(x, pos, *params)
     if inplace:
         assert out is x, "loreft_ must return h itself"
-    out.backward(grad_out.to(device))
+    if grad_from == "caller":
+        out.backward(grad_out.to(device))
+    else:
+        (out * grad_out.to(device)).sum().backward()
     return (out.detach(), leaf.grad, *(p.grad for p in params))
 
 
@@ -189,16 +200,19 @@ def reference_results(h, positions, R, W, b, grad_out, device="cpu", float64=Fal
 
 
 def check_against_reference(h, positions, R, W, b, grad_out, device, inplace: bool,
-                            check_rows_changed: bool = True):
+                            check_rows_changed: bool = True, grad_from: str = "caller"):
     """The full forward+backward check of one call of loreft / loreft_ (see the module
     docstring for the tolerance rule). Also: unselected rows of out and dh are bitwise h
     and grad_out; every selected row whose correct value differs from its input in h's
     dtype must have been written (catches rows a kernel skipped)."""
     op = reft_ext.loreft_ if inplace else reft_ext.loreft
-    fused = run_op(op, h, positions, R, W, b, grad_out, device, inplace)
+    fused = run_op(op, h, positions, R, W, b, grad_out, device, inplace, grad_from)
     ref64 = reference_results(h, positions, R, W, b, grad_out, float64=True)
     same = reference_results(h, positions, R, W, b, grad_out, device=device)
     names = ("out", "dh", "dR", "dW", "db")
+    if grad_from == "params-only":
+        assert fused[1] is None, "h does not require grad: no dh expected"
+        fused, ref64, same, names = ([t[0], *t[2:]] for t in (fused, ref64, same, names))
     for name, f, e, s in zip(names, fused, ref64, same):
         assert f.dtype == s.dtype, f"{name}: dtype {f.dtype}, expected {s.dtype}"
         assert f.device.type == torch.device(device).type, f"{name} on {f.device}"
@@ -206,8 +220,15 @@ def check_against_reference(h, positions, R, W, b, grad_out, device, inplace: bo
 
     T = h.shape[1]
     mask = selected_mask(positions, T)
-    out, dh = fused[0].cpu(), fused[1].cpu()
+    out = fused[0].cpu()
     assert_bitwise_equal(out[~mask], h[~mask], "out at unselected rows vs h")
+    if grad_from == "params-only":
+        if check_rows_changed and mask.any():
+            expect_changed = (ref64[0].to(h.dtype)[mask] != h[mask]).any(dim=-1)
+            assert bool((out[mask] != h[mask]).any(dim=-1)[expect_changed].all()), \
+                "a selected row of out was not written"
+        return fused
+    dh = fused[1].cpu()
     assert_bitwise_equal(dh[~mask], grad_out[~mask], "dh at unselected rows vs grad_out")
     if check_rows_changed and mask.any():
         # Poison check: the input itself is the "poison" of an unwritten row. Wherever the

@@ -94,6 +94,26 @@ def test_shapes(device, inplace, pos_dtype, dtypes, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inplace", OPS)
+@pytest.mark.parametrize("grad_from", ["autograd", "params-only"])
+@pytest.mark.parametrize("dtypes", [
+    (torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+    (torch.float64, None), (torch.bfloat16, (torch.float32,) * 3),
+], ids=["f32", "bf16", "f16", "f64", "bf16_fp32params"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_shapes_other_backward_paths(device, inplace, grad_from, dtypes, shape):
+    """test_shapes with the gradient owned by autograd (the CPU backward then writes dx into
+    it) and with only the parameters requiring grad (the backward then reads the selected
+    rows only, when P <= T/2); see tests/test_grad_ownership.py for which path runs when."""
+    hd, pd = dtypes
+    B, T, d, r, P, empty = SHAPES[shape]
+    seed = seed_of("paths", shape, dtypes, grad_from, inplace)
+    pos_dtype = POS_DTYPES[seed % 2]
+    h, pos, R, W, b, g = make_inputs(seed, B, T, d, r, P, hd, pd, pos_dtype, empty)
+    check_against_reference(h, pos, R, W, b, g, device, inplace, grad_from=grad_from)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", OPS)
 def test_nan_outside_selection_is_not_read(device, inplace):
     """Poison: NaN in every unselected row of h and of grad_out. They must come back
     bitwise (unselected rows are copied, not recomputed) and must not leak into the edited
@@ -140,9 +160,10 @@ def test_gradcheck_float64(device, pos_dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inplace", OPS)
+@pytest.mark.parametrize("grad_from", ["caller", "autograd"])
 @pytest.mark.parametrize("dtypes", [(torch.float32, None), (torch.bfloat16, (torch.float32,) * 3),
                                     (torch.float64, None)], ids=["f32", "bf16_fp32params", "f64"])
-def test_backward_is_deterministic_across_runs_and_threads(device, inplace, dtypes):
+def test_backward_is_deterministic_across_runs_and_threads(device, inplace, grad_from, dtypes):
     """Same inputs give the same bits: three runs, and on the CPU 1 vs 2 vs 3 threads (the
     reduction partition must depend on the shape only). The shape is big enough for the CPU
     kernel to use several threads and several reduction chunks."""
@@ -154,7 +175,7 @@ def test_backward_is_deterministic_across_runs_and_threads(device, inplace, dtyp
     for threads in ((2, 2, 2, 1, 3) if device == "cpu" else (None,) * 3):
         if threads is not None:
             torch.set_num_threads(threads)
-        runs.append(run_op(op, h, pos, R, W, b, g, device, inplace))
+        runs.append(run_op(op, h, pos, R, W, b, g, device, inplace, grad_from))
     names = ("out", "dh", "dR", "dW", "db")
     for k, run in enumerate(runs[1:], 1):
         for name, a, e in zip(names, run, runs[0]):

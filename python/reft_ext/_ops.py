@@ -8,6 +8,9 @@ Three ops, all operating on rows h[i, positions[i, j]] of a (B, T, d) tensor:
         backward) when save_rows, else is empty
   reft_ext::loreft_bwd(grad, positions, x, x_gathered, R, W, b) -> (grad_h, dR, dW, db)
         x is the forward input: h itself (x_gathered=False) or the saved rows (True)
+  reft_ext::loreft_bwd_(grad!, positions, x, x_gathered, R, W, b) -> (dR, dW, db)
+        the same, writing dx into grad's selected rows in place (grad must be contiguous;
+        functional.py uses it only for a gradient that autograd hands to nobody else)
 
 Ops are defined with torch.library.define/impl/register_fake rather than custom_op: the
 dispatcher overhead is ~3x lower per call, and autograd lives outside the ops
@@ -34,6 +37,10 @@ torch.library.define(
     "reft_ext::loreft_bwd",
     "(Tensor grad, Tensor positions, Tensor x, bool x_gathered, Tensor R, Tensor W, Tensor b)"
     " -> (Tensor, Tensor, Tensor, Tensor)")
+torch.library.define(
+    "reft_ext::loreft_bwd_",
+    "(Tensor(a!) grad, Tensor positions, Tensor x, bool x_gathered, Tensor R, Tensor W, "
+    "Tensor b) -> (Tensor, Tensor, Tensor)")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,6 +74,12 @@ def _bwd_fake(grad, positions, x, x_gathered, R, W, b):
             torch.empty_like(b, memory_format=contig))
 
 
+@torch.library.register_fake("reft_ext::loreft_bwd_")
+def _bwd_inplace_fake(grad, positions, x, x_gathered, R, W, b):
+    _check_inplace_grad(grad, x)
+    return _bwd_fake(grad, positions, x, x_gathered, R, W, b)[1:]
+
+
 # ---------------------------------------------------------------------------------------
 # Argument marshalling for the native module.
 
@@ -91,6 +104,21 @@ def _problem(h, positions, R, W, b, stream: int = 0):
 
 def _contig_params(R, W, b):
     return R.contiguous(), W.contiguous(), b.contiguous()
+
+
+def _param_grad_buffers(R, x):
+    acc = acc_dtype(x.dtype)
+    r, d = R.shape
+    return (torch.empty((r, d), dtype=acc, device=x.device),
+            torch.empty((r, d), dtype=acc, device=x.device),
+            torch.empty((r,), dtype=acc, device=x.device))
+
+
+def _check_inplace_grad(grad, x) -> None:
+    # Rows of an overlapping (e.g. expanded) gradient would be written more than once.
+    if grad.dtype != x.dtype or not grad.is_contiguous():
+        raise ValueError("reft_ext.loreft_bwd_: grad must be contiguous and of x's dtype "
+                         f"{x.dtype}, got {grad.dtype} with strides {grad.stride()}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,20 +162,29 @@ def _fwd_inplace_cpu(h, positions, R, W, b, save_rows):
     return saved
 
 
-@torch.library.impl("reft_ext::loreft_bwd", "cpu")
-def _bwd_cpu(grad, positions, x, x_gathered, R, W, b):
+def _bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b):
+    """Overwrites grad_h's selected rows (holding g) with dx; returns dR, dW, db."""
     Rc, Wc, bc = _contig_params(R, W, b)
     x = _inner_contiguous(x)
+    dR, dW, db = _param_grad_buffers(R, x)
+    _native.lib().backward_cpu(*_problem(grad_h, positions, Rc, Wc, bc), *_rows(grad_h),
+                               *_rows(x), x_gathered, dR.data_ptr(), dW.data_ptr(),
+                               db.data_ptr())
+    return dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
+
+
+@torch.library.impl("reft_ext::loreft_bwd", "cpu")
+def _bwd_cpu(grad, positions, x, x_gathered, R, W, b):
     grad_h = grad.to(x.dtype).clone(memory_format=torch.contiguous_format)
-    acc = acc_dtype(x.dtype)
-    r, d = R.shape
-    dR = torch.empty((r, d), dtype=acc)
-    dW = torch.empty((r, d), dtype=acc)
-    db = torch.empty((r,), dtype=acc)
-    args = _problem(grad_h, positions, Rc, Wc, bc)
-    _native.lib().backward_cpu(*args, *_rows(grad_h), *_rows(x), x_gathered,
-                               dR.data_ptr(), dW.data_ptr(), db.data_ptr())
-    return grad_h, dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
+    return grad_h, *_bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b)
+
+
+@torch.library.impl("reft_ext::loreft_bwd_", "cpu")
+def _bwd_inplace_cpu(grad, positions, x, x_gathered, R, W, b):
+    _check_inplace_grad(grad, x)
+    out = _bwd_cpu_into(grad, positions, x, x_gathered, R, W, b)
+    _bump_version(grad)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,39 +238,41 @@ def _fwd_inplace_cuda(h, positions, R, W, b, save_rows):
     return saved
 
 
-@torch.library.impl("reft_ext::loreft_bwd", "cuda")
-def _bwd_cuda(grad, positions, x, x_gathered, R, W, b):
-    """dx, dR, dW, db on the GPU, in two launches (csrc/cuda/loreft_kernels.cuh).
-
-    Copies of the gradient: grad_h is a full (B, T, d) copy of grad (its unselected rows
-    *are* the gradient of h there), and the kernels then overwrite only the B*P selected
-    rows. The copy is kept, for loreft_ too, because autograd may hand the same grad
-    tensor to other consumers (or keep it, with retain_graph / create_graph), so writing
-    dx into grad itself is not provably safe here; it costs one read and one write of
-    B*T*d elements, which dominates at few positions (f7+l7). The kernels read g from grad
-    (or its dtype-converted copy) and write dx into grad_h: the second launch needs the
-    original g after the first one wrote dx.
-    """
-    lib = _cuda_lib("loreft", grad.device)
+def _bwd_cuda_into(g, grad_h, positions, x, x_gathered, R, W, b):
+    """dx of g's selected rows into grad_h's (a different buffer whose other rows already
+    hold the gradient); returns dR, dW, db. Two launches (csrc/cuda/loreft_kernels.cuh):
+    the second reads the original g after the first wrote dx, hence two buffers."""
+    lib = _cuda_lib("loreft", grad_h.device)
     _check_rank_cuda("loreft", lib, R)
-    with torch.cuda.device(grad.device):
+    with torch.cuda.device(grad_h.device):
         Rc, Wc, bc = _contig_params(R, W, b)
         x = _inner_contiguous(x)
-        g = _inner_contiguous(grad.to(x.dtype))
-        grad_h = g.clone(memory_format=torch.contiguous_format)
-        acc = acc_dtype(x.dtype)
-        r, d = R.shape
-        dev = grad.device
-        dR = torch.empty((r, d), dtype=acc, device=dev)
-        dW = torch.empty((r, d), dtype=acc, device=dev)
-        db = torch.empty((r,), dtype=acc, device=dev)
-        stream = torch.cuda.current_stream(dev).cuda_stream
+        dR, dW, db = _param_grad_buffers(R, x)
+        stream = torch.cuda.current_stream(grad_h.device).cuda_stream
         args = _problem(grad_h, positions, Rc, Wc, bc, stream)
         ws_bytes = lib.backward_cuda_workspace(*args)
-        ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=dev)
+        ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=grad_h.device)
         lib.backward_cuda(*args, *_rows(g), *_rows(grad_h), *_rows(x), x_gathered,
                           dR.data_ptr(), dW.data_ptr(), db.data_ptr(), ws.data_ptr(), ws_bytes)
-    return grad_h, dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
+    return dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
+
+
+@torch.library.impl("reft_ext::loreft_bwd", "cuda")
+def _bwd_cuda(grad, positions, x, x_gathered, R, W, b):
+    # grad_h is a full copy of g: its unselected rows are the gradient of h there.
+    g = _inner_contiguous(grad.to(x.dtype))
+    grad_h = g.clone(memory_format=torch.contiguous_format)
+    return grad_h, *_bwd_cuda_into(g, grad_h, positions, x, x_gathered, R, W, b)
+
+
+@torch.library.impl("reft_ext::loreft_bwd_", "cuda")
+def _bwd_inplace_cuda(grad, positions, x, x_gathered, R, W, b):
+    # The kernels need g in a second buffer (see _bwd_cuda_into), so on CUDA the in-place
+    # form still copies; functional.py avoids it with the compact backward instead.
+    _check_inplace_grad(grad, x)
+    out = _bwd_cuda_into(grad.clone(), grad, positions, x, x_gathered, R, W, b)
+    _bump_version(grad)
+    return out
 
 
 # The positions tensor last found valid: (weak reference, its version counter, T). patch()

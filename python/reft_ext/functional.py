@@ -1,6 +1,9 @@
 """Public LoReFT ops with autograd: `loreft` (out of place) and `loreft_` (in place)."""
 from __future__ import annotations
 
+import sys
+import threading
+
 import torch
 
 from . import _ops  # noqa: F401  (registers torch.ops.reft_ext.*)
@@ -14,9 +17,125 @@ def _needs_grad(h, R, W, b) -> bool:
         h.requires_grad or R.requires_grad or W.requires_grad or b.requires_grad)
 
 
-def _param_grads(ctx, dR, dW, db):
+# ---------------------------------------------------------------------------------------
+# Gradient ownership. The gradient of h equals the incoming gradient g except at the B*P
+# edited rows, so copying g (B*T*d elements) dominates the backward at few positions. When
+# autograd hands g to this backward and to nobody else, dx is written into g in place and
+# g is returned: that is AccumulateGrad's own "steal" rule (torch/csrc/autograd/functions/
+# accumulate_grad.h), with the reference counts seen from Python. Anything else that holds
+# g (another consumer not yet run, a hook that stashed it, the caller of backward(g), a
+# retained .grad, a view of its storage) raises one of the counts, and g is then copied.
+# The Python count depends on the interpreter and on this file's call path, so the counts
+# of an owned gradient are measured once through these very backward functions
+# (_calibrate); if an extra holder would not show in them, nothing is ever written in place.
+# Torch function / dispatch modes (debug and flop-counting tools) may hold tensors of their
+# own, so with one active nothing is calibrated or written in place either.
+
+_REFS_OWNED: dict = {}      # Function name -> refs of an owned gradient; {} = uncalibrated
+_calibration_lock = threading.Lock()
+# Set while _calibrate runs: CPU backwards run on the calling thread, so another thread's
+# backward never records here.
+_tls = threading.local()
+
+
+def _refs(grad, probe):
+    # probe went through the same frames as grad, so subtracting its count cancels the
+    # frames' references, which vary: an eval-frame hook (left by torch.compile) adds some.
+    return (sys.getrefcount(grad) - sys.getrefcount(probe), grad._use_count(),
+            torch._C._storage_Use_Count(grad.untyped_storage()._cdata))
+
+
+def _no_modes() -> bool:
+    return torch._C._len_torch_dispatch_stack() == 0 and \
+        torch._C._len_torch_function_stack() == 0
+
+
+def _owned(name: str, grad: torch.Tensor, probe: object, x: torch.Tensor) -> bool:
+    """True when dx may be written into grad itself (see above). probe: an object held
+    like grad (a local of the calling backward, then arguments) and by nothing else."""
+    if not _no_modes():
+        return False
+    refs = _refs(grad, probe)
+    record = getattr(_tls, "calibration", None)
+    if record is not None:
+        record.append(refs)
+        return False
+    owned = _REFS_OWNED.get(name)
+    return (owned is not None and refs == owned and grad._base is None
+            and type(grad) is torch.Tensor and not grad.requires_grad
+            and not torch.is_grad_enabled() and grad.dtype == x.dtype
+            and grad.is_contiguous())
+
+
+def _calibrate() -> None:
+    """Measures the refs of an owned gradient in each backward, and checks that a stashed
+    gradient and a caller's gradient read differently; leaves _REFS_OWNED empty (never
+    write in place) if not. Runs once, eagerly, on a tiny CPU input (~1 ms)."""
+    if _REFS_OWNED or torch.compiler.is_compiling() or not _no_modes():
+        return
+    with _calibration_lock, torch.enable_grad():
+        if _REFS_OWNED:
+            return
+        result = {}
+        try:
+            for name, fn in (("loreft", LoReFTFunction.apply), ("loreft_", _inplace_apply)):
+                seen = [_calibration_case(fn, case) for case in ("owned", "stashed", "caller")]
+                if seen[0] not in seen[1:] and seen[0][1] == 1:
+                    result[name] = seen[0]
+        except Exception:  # noqa: BLE001  (never fail a user's call over an optimisation)
+            result = {}
+        _REFS_OWNED.update(result or {"": None})
+
+
+def _calibration_case(fn, case):
+    kw = dict(dtype=torch.float32, device="cpu")  # whatever the user's defaults are
+    params = [torch.ones(1, 1, requires_grad=True, **kw), torch.ones(1, 1, **kw),
+              torch.ones(1, **kw)]
+    h = torch.ones(1, 2, 1, requires_grad=True, **kw)
+    out = fn(h.clone(), torch.zeros(1, 1, dtype=torch.long, device="cpu"), *params)
+    stash = []
+    if case == "stashed":
+        out.register_hook(stash.append)
+    _tls.calibration = []
+    try:
+        if case == "caller":
+            out.backward(torch.ones_like(out))
+        else:
+            (out * 2.0).sum().backward()
+        return _tls.calibration[0]
+    finally:
+        _tls.calibration = None
+
+
+def _compact(grad, positions, x, x_gathered):
+    """The selected rows as a (B, P, d) problem: (g rows, positions' = slot index or -1,
+    x rows), so the kernels run without a copy of the whole gradient."""
+    B, P = positions.shape
+    rows = torch.arange(B, device=grad.device)[:, None]
+    idx = positions.clamp(min=0)
+    slots = torch.arange(P, device=positions.device, dtype=positions.dtype).expand(B, P)
+    pos_c = torch.where(positions >= 0, slots, -1)
+    g_c = grad[rows, idx].to(x.dtype)
+    return g_c, pos_c, (x if x_gathered else x[rows, idx])
+
+
+def _backward(ctx, grad, owned, positions, x, x_gathered, R, W, b):
+    """(grad_h or None, dR, dW, db) for a backward whose forward input rows are x; owned:
+    grad may be overwritten (_owned)."""
+    need_h = ctx.needs_input_grad[0]
+    if owned and need_h and grad.device.type == "cpu":
+        dR, dW, db = _ops_ns.loreft_bwd_(grad, positions, x, x_gathered, R, W, b)
+        grad_h = grad
+    elif not need_h and 2 * positions.shape[1] <= grad.shape[1]:
+        # Only the parameters' gradients: the selected rows suffice.
+        g_c, pos_c, x_c = _compact(grad, positions, x, x_gathered)
+        _, dR, dW, db = _ops_ns.loreft_bwd(g_c, pos_c, x_c, True, R, W, b)
+        grad_h = None
+    else:
+        grad_h, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, x, x_gathered, R, W, b)
     need = ctx.needs_input_grad
-    return (dR if need[2] else None, dW if need[3] else None, db if need[4] else None)
+    return (grad_h if need[0] else None, None, dR if need[2] else None,
+            dW if need[3] else None, db if need[4] else None)
 
 
 class LoReFTFunction(torch.autograd.Function):
@@ -33,8 +152,11 @@ class LoReFTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, positions, R, W, b = ctx.saved_tensors
-        grad_h, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, h, False, R, W, b)
-        return (grad_h if ctx.needs_input_grad[0] else None, None, *_param_grads(ctx, dR, dW, db))
+        owned = False
+        if not torch.compiler.is_compiling():  # a traced graph has no per-call counts
+            probe = object()
+            owned = _owned("loreft", grad, probe, h)
+        return _backward(ctx, grad, owned, positions, h, False, R, W, b)
 
 
 class LoReFTInplaceFunction(torch.autograd.Function):
@@ -50,8 +172,15 @@ class LoReFTInplaceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved, positions, R, W, b = ctx.saved_tensors
-        grad_h, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, saved, True, R, W, b)
-        return (grad_h if ctx.needs_input_grad[0] else None, None, *_param_grads(ctx, dR, dW, db))
+        owned = False
+        if not torch.compiler.is_compiling():
+            probe = object()
+            owned = _owned("loreft_", grad, probe, saved)
+        return _backward(ctx, grad, owned, positions, saved, True, R, W, b)
+
+
+def _inplace_apply(h, positions, R, W, b):
+    return LoReFTInplaceFunction.apply(h, positions, R, W, b)
 
 
 def loreft(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.Tensor,
@@ -78,6 +207,8 @@ def loreft(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.T
     if not _needs_grad(h, R, W, b):
         # Function.apply costs ~30 us per call even when autograd has nothing to record.
         return _ops_ns.loreft_fwd(h, positions, R, W, b)
+    if not _REFS_OWNED:
+        _calibrate()
     return LoReFTFunction.apply(h, positions, R, W, b)
 
 
@@ -100,4 +231,6 @@ def loreft_(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.
             "reft_ext.loreft_: h is a leaf tensor that requires grad (or a view of one); "
             "autograd cannot record an in-place edit of it. Use reft_ext.loreft, or edit a "
             "non-leaf tensor (e.g. h.clone())")
+    if not _REFS_OWNED:
+        _calibrate()
     return LoReFTInplaceFunction.apply(h, positions, R, W, b)
