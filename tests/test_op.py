@@ -47,6 +47,7 @@ SHAPES = {
     "d1_r1_B1": (1, 5, 1, 1, 2, 0.0),
     "odd_d17": (3, 9, 17, 5, 4, 0.25),
     "odd_d129": (2, 6, 129, 8, 5, 0.25),
+    "d777_r9": (2, 6, 777, 9, 5, 0.25),  # several column blocks of the CPU tiles, odd r
     "r1": (2, 8, 12, 1, 3, 0.0),
     "r_eq_d": (2, 5, 6, 6, 4, 0.0),
     "P_gt_T": (2, 4, 9, 3, 7, 0.0),  # at most 4 valid slots per row: the rest are -1
