@@ -40,7 +40,7 @@ PAIRS = [("eager", "fused"), ("eager_", "fused_"), ("eager", "fused_")]
 MODES = ("fwd", "bwd", "fwd+bwd", "bwd, caller's grad", "fwd+bwd, caller's grad")
 
 
-class _HandOver(torch.autograd.Function):
+class HandOver(torch.autograd.Function):
     """A scalar whose backward returns a given tensor as the gradient of x and drops its
     own reference: the gradient a layer above produces, owned by autograd alone."""
 
@@ -94,14 +94,14 @@ def bench_case(B, T, d, r, P, dtype, device, reps, gen):
 
         def bwd(state):
             out, box = state
-            _HandOver.apply(out, box).backward()
+            HandOver.apply(out, box).backward()
 
         def bwd_caller(state):
             state[0].backward(grad)
 
         def both(state, fn=fn):
             h, box = state
-            _HandOver.apply(fn(h, pos, *params), box).backward()
+            HandOver.apply(fn(h, pos, *params), box).backward()
 
         def both_caller(state, fn=fn):
             fn(state[0], pos, *params).backward(grad)

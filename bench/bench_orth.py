@@ -96,26 +96,50 @@ def decay_check(cls, d, r, steps):
     return out
 
 
-def _status_kib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
 def child(name, d, r):
     """Runs in a fresh process: prints the peak-RSS growth (bytes) of build + 5 fwd+bwd."""
     torch.set_num_threads(2)
     m0 = QRRotation(8, 2)                                      # warm up BLAS / LAPACK / autograd
     fwd_bwd(m0, torch.randn(2, 8))
-    with open("/proc/self/clear_refs", "w") as f:              # reset VmHWM to the current RSS
-        f.write("5")
-    base = _status_kib("VmRSS")
+    token = common.peak_memory_start()
     m = PROVIDERS[name](d, r)
     g = torch.randn(r, d)
     for _ in range(5):
         fwd_bwd(m, g)
-    print(json.dumps({"peak_rss_growth": (_status_kib("VmHWM") - base) * 1024}))
+    print(json.dumps({"peak_rss_growth": common.peak_memory_growth(token)}))
+
+
+def run(d: int, r: int, reps: int, decay_steps: int, env: dict) -> tuple[list[dict], str]:
+    """Measures both R maps at (r, d) on the CPU. Returns report rows (`common.row`: the
+    fwd+bwd time with peak memory, then max|RR^T - I| after 1 and N AdamW steps) and a
+    markdown table."""
+    rows, table = [], []
+    shape = f"d={d} r={r}"
+    for name, cls in PROVIDERS.items():
+        # the slow provider gets fewer repeats (each is ~1 s), still a median of >= 10
+        n_reps = reps if cls is QRRotation else max(10, reps // 20)
+        t, sbytes = time_provider(cls, d, r, n_reps)
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--d", str(d),
+                              "--r", str(r)], capture_output=True, text=True, check=True)
+        peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth"]
+        steps = decay_steps if cls is QRRotation else 3
+        dec = decay_check(cls, d, r, steps)
+        rows.append(common.row(env, op="R map", provider=name, mode="fwd+bwd", shape=shape,
+                               dtype="float32", stats=t, peak_bytes=peak,
+                               notes=f"state_MiB={sbytes / 2**20:.3f}"))
+        for k in sorted({1, steps}):
+            rows.append(common.row(
+                env, op="R map after AdamW (lr 1e-3, wd 0.01)", provider=name,
+                mode=f"{k} steps", shape=shape, dtype="float32", unit="max|RR^T-I|",
+                stats={"median": dec[k][0]}, scale=1.0, notes=f"normR={dec[k][1]:.4g}"))
+        table.append([name, common.fmt_ms(t), t["n"], f"{sbytes / 2**20:.2f}",
+                      f"{peak / 2**20:.1f}", f"{dec[1][0]:.1e} / {dec[1][1]:.2f}",
+                      f"{dec[steps][0]:.1e} / {dec[steps][1]:.2f} (N={steps})"])
+    md = common.markdown_table(
+        ["provider", "fwd+bwd ms, median (p20–p80)", "n", "state MiB", "peak RSS growth MiB",
+         "AdamW wd=0.01, 1 step: max|RRᵀ-I| / ‖R‖F",
+         "N steps: max|RRᵀ-I| / ‖R‖F"], table)
+    return rows, md
 
 
 def main():
@@ -130,37 +154,15 @@ def main():
     if a.child:
         return child(a.child, a.d, a.r)
     torch.set_num_threads(a.threads)
-    env = common.environment()
+    env = {**common.environment(), **common.versions()}
     env["device"] = f"{common.cpu_model()}, {a.threads} threads"
-    rows, table = [], []
-    for name, cls in PROVIDERS.items():
-        # the slow provider gets fewer repeats (each is ~1 s), still a median of >= 10
-        reps = a.reps if cls is QRRotation else max(10, a.reps // 20)
-        t, sbytes = time_provider(cls, a.d, a.r, reps)
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--d", str(a.d),
-                              "--r", str(a.r)], capture_output=True, text=True, check=True)
-        peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth"]
-        steps = a.decay_steps if cls is QRRotation else 3
-        dec = decay_check(cls, a.d, a.r, steps)
-        rows.append({"bench": "orth", "provider": name, "d": a.d, "r": a.r,
-                     "median_ms": t["median"] * 1e3, "p20_ms": t["p20"] * 1e3,
-                     "p80_ms": t["p80"] * 1e3, "n": t["n"], "state_MiB": sbytes / 2**20,
-                     "peak_rss_growth_MiB": peak / 2**20,
-                     "orth_err_1": dec[1][0], "normR_1": dec[1][1],
-                     "steps_N": steps, "orth_err_N": dec[steps][0], "normR_N": dec[steps][1],
-                     **env})
-        table.append([name, common.fmt_ms(t), t["n"], f"{sbytes / 2**20:.2f}",
-                      f"{peak / 2**20:.1f}", f"{dec[1][0]:.1e} / {dec[1][1]:.2f}",
-                      f"{dec[steps][0]:.1e} / {dec[steps][1]:.2f} (N={steps})"])
-    speed = rows[1]["median_ms"] / rows[0]["median_ms"]
+    rows, md = run(a.d, a.r, a.reps, a.decay_steps, env)
+    times = [x["median"] for x in rows if x["mode"] == "fwd+bwd"]
     path = common.write_rows("orth", rows)
     print(f"R orthonormalisation, d={a.d}, r={a.r}: forward+backward of the map "
           f"({env['device']}; torch {env['torch']}; {env['date']})\n")
-    print(common.markdown_table(
-        ["provider", "fwd+bwd ms, median (p20–p80)", "n", "state MiB", "peak RSS growth MiB",
-         "AdamW wd=0.01, 1 step: max|RRᵀ-I| / ‖R‖F",
-         "N steps: max|RRᵀ-I| / ‖R‖F"], table))
-    print(f"\nqr is {speed:.0f}x faster. CSV: {path}")
+    print(md)
+    print(f"\nqr is {times[1] / times[0]:.0f}x faster. CSV: {path}")
 
 
 if __name__ == "__main__":

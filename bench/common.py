@@ -2,12 +2,17 @@
 
 Every benchmark in bench/ times with `measure` (warm-up, many repeats, median and p20/p80,
 device-synchronised), tags rows with `environment()`, and writes them with `write_rows`.
+Rows in the report format (`COLUMNS`, one measurement each; bench/run_all.py) are made by
+`row`; peak memory is measured with `peak_memory_start` / `peak_memory_growth`.
 """
 from __future__ import annotations
 
 import csv
 import datetime as _dt
+import importlib.metadata
 import os
+import re
+import resource
 import platform
 import statistics
 import time
@@ -16,6 +21,13 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# The report CSV (bench/run_all.py): one measurement per row. median/p20/p80 are in `unit`;
+# peak_mem_MiB is the provider's peak memory growth where measured; params counts trainable
+# parameters where relevant; notes holds "key=value; ..." details, errors and skip reasons.
+COLUMNS = ["op", "provider", "mode", "shape", "dtype", "median", "p20", "p80", "unit", "n",
+           "peak_mem_MiB", "params", "notes", "device", "date", "torch", "reft_ext", "python",
+           "transformers", "peft"]
 
 
 def _sync(device) -> None:
@@ -64,6 +76,96 @@ def environment(device="cpu") -> dict:
             "python": platform.python_version()}
 
 
+def versions() -> dict:
+    """Versions of the optional libraries a report may use ("" when not installed); read
+    from the package metadata, so nothing heavy is imported."""
+    out = {}
+    for name in ("transformers", "peft"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = ""
+    return out
+
+
+def machine_slug(device_name: str) -> str:
+    """A short file-name slug of a CPU/GPU name: 'Intel(R) Xeon(R) Processor, 2 threads' ->
+    'intel-xeon-processor', 'NVIDIA H200' -> 'nvidia-h200'."""
+    name = device_name.split(",")[0]
+    name = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|@.*$", " ", name)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "unknown"
+
+
+def row(env: dict, *, op: str, provider: str, mode: str = "", shape: str = "",
+        dtype: str = "", stats: dict | None = None, unit: str = "ms", scale: float = 1e3,
+        peak_bytes: float | None = None, params: int | None = None, notes: str = "") -> dict:
+    """One report row (`COLUMNS`). stats: measure()'s {"median", "p20", "p80", "n"} (seconds
+    for times; scaled by `scale` into `unit`), or None for a provider that did not run (say
+    why in notes). peak_bytes: peak memory growth in bytes, if measured."""
+    s = stats or {}
+    val = lambda k: "" if s.get(k) is None else s[k] * scale  # noqa: E731
+    out = {"op": op, "provider": provider, "mode": mode, "shape": shape, "dtype": dtype,
+           "median": val("median"), "p20": val("p20"), "p80": val("p80"), "unit": unit,
+           "n": s.get("n", ""), "peak_mem_MiB": "" if peak_bytes is None else peak_bytes / 2**20,
+           "params": "" if params is None else params, "notes": notes}
+    out.update({k: env.get(k, "") for k in COLUMNS if k not in out})
+    return out
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_memory_start(device="cpu") -> tuple:
+    """Starts a peak-memory window; pass the result to `peak_memory_growth`.
+
+    CUDA: torch.cuda's peak counter is reset, the baseline is memory_allocated().
+    CPU: the process's peak RSS (VmHWM) is reset to its current RSS through
+    /proc/self/clear_refs, the baseline is VmRSS: unlike ru_maxrss, whose high-water mark
+    cannot be reset, a transient peak before the window (model construction) cannot hide
+    the growth inside it. Without /proc, ru_maxrss is the fallback (then the growth is a
+    lower bound). Set MALLOC_MMAP_THRESHOLD_ (e.g. 65536) in the environment of a process
+    measured this way, so that freed tensors go back to the OS rather than into malloc's
+    arenas, where they would be reused without showing as growth."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return ("cuda", torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return ("vmhwm", _status_kib("VmRSS") * 1024)
+    except OSError:
+        return ("ru_maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def peak_memory_growth(token: tuple, device="cpu") -> float:
+    """Bytes by which the peak (allocated on CUDA, resident on CPU) exceeded the baseline
+    taken by `peak_memory_start`."""
+    kind, base = token
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if kind == "vmhwm":
+        return _status_kib("VmHWM") * 1024 - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    """Writes rows to path (columns: `columns` or the first row's keys); returns path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns or list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -76,13 +178,7 @@ def cpu_model() -> str:
 
 def write_rows(name: str, rows: list[dict]) -> Path:
     """Writes rows (dicts with the same keys) to bench/results/<name>.csv; returns the path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_csv(RESULTS / f"{name}.csv", rows)
 
 
 def fmt_ms(s: dict) -> str:
