@@ -6,6 +6,8 @@ a seed derived from its own parameters, so a failure reproduces exactly.
 from __future__ import annotations
 
 import itertools
+import os
+import time
 
 import pytest
 import torch
@@ -469,3 +471,72 @@ def test_random_problems(device, problem):
     B, T, d, r, P, hd, pd, pos_dtype, empty, inplace, seed = problem
     h, pos, R, W, b, g = make_inputs(seed, B, T, d, r, P, hd, pd, pos_dtype, empty)
     check_against_reference(h, pos, R, W, b, g, device, inplace)
+
+
+def test_concurrent_calls_from_python_threads():
+    """The CPU kernels share one worker pool: calls from several Python threads at once
+    (the native calls release the GIL) give the same bits as the same calls one by one."""
+    import threading
+
+    torch.set_num_threads(2)
+    cases = [make_inputs(seed_of("threads", k), 4, 40, 200, 4, 24, empty_frac=0.1)
+             for k in range(4)]
+
+    def run(k):
+        return run_op(reft_ext.loreft_ if k % 2 else reft_ext.loreft, *cases[k], "cpu",
+                      inplace=bool(k % 2), grad_from="autograd")
+
+    expected = [run(k) for k in range(4)]
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            for _ in range(10):
+                results[k] = run(k)
+        except Exception as e:  # noqa: BLE001  (re-raised below, on the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+    for k in range(4):
+        for name, a, e in zip(("out", "dh", "dR", "dW", "db"), results[k], expected[k]):
+            assert_bitwise_equal(a, e, f"thread {k}: {name}")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_runs_the_cpu_kernels():
+    """After the pool has started in the parent, a forked child (e.g. a DataLoader worker)
+    has no pool threads: its calls must run on its own thread, not wait for them."""
+    import warnings
+
+    h, pos, R, W, b, _ = make_inputs(seed_of("fork"), 4, 40, 200, 4, 24)
+    torch.set_num_threads(2)
+    expected = reft_ext.loreft(h, pos, R, W, b)  # starts the pool here
+    rfd, wfd = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # child
+        try:
+            out = reft_ext.loreft(h, pos, R, W, b)
+            os.write(wfd, b"1" if torch.equal(out, expected) else b"0")
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in reft_ext.loreft")
+    assert os.read(rfd, 1) == b"1", "the forked child got a different result"
+    os.close(rfd)
