@@ -479,7 +479,7 @@ def test_concurrent_calls_from_python_threads():
     import threading
 
     torch.set_num_threads(2)
-    cases = [make_inputs(seed_of("threads", k), 4, 40, 200, 4, 24, empty_frac=0.1)
+    cases = [make_inputs(seed_of("threads", k), 4, 64, 512, 8, 48, empty_frac=0.1)
              for k in range(4)]
 
     def run(k):
@@ -511,20 +511,28 @@ def test_concurrent_calls_from_python_threads():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_runs_the_cpu_kernels():
     """After the pool has started in the parent, a forked child (e.g. a DataLoader worker)
-    has no pool threads: its calls must run on its own thread, not wait for them."""
+    has no pool threads: its calls must run on its own thread, not wait for them. The
+    child asks the kernels for 2 threads through the native entry point, and keeps torch
+    itself at 1 thread, as DataLoader workers do (torch's OpenMP is not fork-safe)."""
     import warnings
 
-    h, pos, R, W, b, _ = make_inputs(seed_of("fork"), 4, 40, 200, 4, 24)
+    from reft_ext import _native, _ops
+
+    h, pos, R, W, b, _ = make_inputs(seed_of("fork"), 4, 64, 512, 8, 48)
     torch.set_num_threads(2)
     expected = reft_ext.loreft(h, pos, R, W, b)  # starts the pool here
+    io = h.clone()
     rfd, wfd = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
         pid = os.fork()
     if pid == 0:  # child
         try:
-            out = reft_ext.loreft(h, pos, R, W, b)
-            os.write(wfd, b"1" if torch.equal(out, expected) else b"0")
+            torch.set_num_threads(1)
+            problem = list(_ops._problem(io, pos, R, W, b))
+            problem[-2] = 2  # the kernels' thread count
+            msg = _native.lib().forward_cpu(*problem, *_ops._rows(io), 0, 0, 0)
+            os.write(wfd, b"1" if not msg and torch.equal(io, expected) else b"0")
         finally:
             os._exit(0)
     os.close(wfd)
@@ -537,6 +545,6 @@ def test_forked_child_runs_the_cpu_kernels():
     else:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
-        pytest.fail("the forked child hung in reft_ext.loreft")
+        pytest.fail("the forked child hung in the CPU kernels")
     assert os.read(rfd, 1) == b"1", "the forked child got a different result"
     os.close(rfd)
