@@ -199,6 +199,16 @@ def reference_results(h, positions, R, W, b, grad_out, device="cpu", float64=Fal
     return run_op(loreft_reference, h, positions, R, W, b, grad_out, device, inplace=False)
 
 
+def _assert_rows_written(what, result, ref64, before, mask):
+    """Poison check: the input itself is the "poison" of an unwritten row. Wherever the
+    correctly rounded result differs from the input, the op's row must differ too."""
+    if not mask.any():
+        return
+    expect_changed = (ref64.to(before.dtype)[mask] != before[mask]).any(dim=-1)
+    changed = (result[mask] != before[mask]).any(dim=-1)
+    assert bool(changed[expect_changed].all()), f"a selected row of {what} was not written"
+
+
 def check_against_reference(h, positions, R, W, b, grad_out, device, inplace: bool,
                             check_rows_changed: bool = True, grad_from: str = "caller"):
     """The full forward+backward check of one call of loreft / loreft_ (see the module
@@ -222,12 +232,14 @@ def check_against_reference(h, positions, R, W, b, grad_out, device, inplace: bo
     mask = selected_mask(positions, T)
     out = fused[0].cpu()
     assert_bitwise_equal(out[~mask], h[~mask], "out at unselected rows vs h")
-    if grad_from == "params-only":
-        if check_rows_changed and mask.any():
-            expect_changed = (ref64[0].to(h.dtype)[mask] != h[mask]).any(dim=-1)
-            assert bool((out[mask] != h[mask]).any(dim=-1)[expect_changed].all()), \
-                "a selected row of out was not written"
-        return fused
+    if check_rows_changed:
+        _assert_rows_written("out", out, ref64[0], h, mask)
+    if grad_from != "params-only":
+        dh = fused[1].cpu()
+        assert_bitwise_equal(dh[~mask], grad_out[~mask], "dh at unselected rows vs grad_out")
+        if check_rows_changed:
+            _assert_rows_written("dh", dh, ref64[1], grad_out, mask)
+    return fused
     dh = fused[1].cpu()
     assert_bitwise_equal(dh[~mask], grad_out[~mask], "dh at unselected rows vs grad_out")
     if check_rows_changed and mask.any():

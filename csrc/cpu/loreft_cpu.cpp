@@ -2,7 +2,8 @@
 // instruction set this CPU has (kernels.inc, compiled per ISA).
 //
 // Work is split over the flattened (B*P) slot list. Threads come from the caller (torch's
-// get_num_threads()) and are plain std::threads: no second OpenMP runtime beside torch's.
+// get_num_threads()) and run on a pool of plain std::threads (thread_pool.h): no second
+// OpenMP runtime beside torch's.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>

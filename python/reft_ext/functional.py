@@ -78,7 +78,8 @@ def _calibrate() -> None:
             return
         result = {}
         try:
-            for name, fn in (("loreft", LoReFTFunction.apply), ("loreft_", _inplace_apply)):
+            for name, fn in (("loreft", LoReFTFunction.apply),
+                             ("loreft_", LoReFTInplaceFunction.apply)):
                 seen = [_calibration_case(fn, case) for case in ("owned", "stashed", "caller")]
                 if seen[0] not in seen[1:] and seen[0][1] == 1:
                     result[name] = seen[0]
@@ -119,11 +120,19 @@ def _compact(grad, positions, x, x_gathered):
     return g_c, pos_c, (x if x_gathered else x[rows, idx])
 
 
+def _may_write_grad(ctx, grad) -> bool:
+    """Whether a backward should ask _owned at all: h needs a gradient, the CPU kernels
+    can write dx in place (on CUDA the backward needs g in a second buffer), and no graph
+    is being traced (a traced graph has no per-call reference counts)."""
+    return (ctx.needs_input_grad[0] and grad.device.type == "cpu"
+            and not torch.compiler.is_compiling())
+
+
 def _backward(ctx, grad, owned, positions, x, x_gathered, R, W, b):
     """(grad_h or None, dR, dW, db) for a backward whose forward input rows are x; owned:
-    grad may be overwritten (_owned)."""
+    dx may be written into grad (_owned)."""
     need_h = ctx.needs_input_grad[0]
-    if owned and need_h and grad.device.type == "cpu":
+    if owned:
         dR, dW, db = _ops_ns.loreft_bwd_(grad, positions, x, x_gathered, R, W, b)
         grad_h = grad
     elif not need_h and 2 * positions.shape[1] <= grad.shape[1]:
@@ -134,7 +143,7 @@ def _backward(ctx, grad, owned, positions, x, x_gathered, R, W, b):
     else:
         grad_h, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, x, x_gathered, R, W, b)
     need = ctx.needs_input_grad
-    return (grad_h if need[0] else None, None, dR if need[2] else None,
+    return (grad_h if need_h else None, None, dR if need[2] else None,
             dW if need[3] else None, db if need[4] else None)
 
 
@@ -153,7 +162,7 @@ class LoReFTFunction(torch.autograd.Function):
     def backward(ctx, grad):
         h, positions, R, W, b = ctx.saved_tensors
         owned = False
-        if not torch.compiler.is_compiling():  # a traced graph has no per-call counts
+        if _may_write_grad(ctx, grad):
             probe = object()
             owned = _owned("loreft", grad, probe, h)
         return _backward(ctx, grad, owned, positions, h, False, R, W, b)
@@ -173,14 +182,10 @@ class LoReFTInplaceFunction(torch.autograd.Function):
     def backward(ctx, grad):
         saved, positions, R, W, b = ctx.saved_tensors
         owned = False
-        if not torch.compiler.is_compiling():
+        if _may_write_grad(ctx, grad):
             probe = object()
             owned = _owned("loreft_", grad, probe, saved)
         return _backward(ctx, grad, owned, positions, saved, True, R, W, b)
-
-
-def _inplace_apply(h, positions, R, W, b):
-    return LoReFTInplaceFunction.apply(h, positions, R, W, b)
 
 
 def loreft(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.Tensor,
