@@ -52,13 +52,6 @@ def empty_launch(reps: int) -> dict:
     return common.measure(lambda: x.add_(1), reps=reps, warmup=10, device=DEV)
 
 
-def positions(B, T, P):
-    if P == 14:
-        first = torch.arange(7)
-        return torch.cat([first, T - 7 + first]).expand(B, 14).contiguous().to(DEV)
-    return torch.arange(T).expand(B, T).contiguous().to(DEV)
-
-
 def bench(B, T, d, r, P, reps, compiled_ref):
     gen = torch.Generator(device=DEV).manual_seed(0)
     leaf = torch.randn(B, T, d, device=DEV, generator=gen).to(torch.bfloat16).requires_grad_()
@@ -67,7 +60,7 @@ def bench(B, T, d, r, P, reps, compiled_ref):
     params = [R, 0.1 * torch.randn(r, d, device=DEV, generator=gen),
               0.1 * torch.randn(r, device=DEV, generator=gen)]
     params = [p.requires_grad_() for p in params]
-    pos = positions(B, T, P)
+    pos = common.positions(B, T, P, DEV)
     providers = {"fused_": reft_ext.loreft_, "fused": reft_ext.loreft,
                  "eager": loreft_reference, "compiled": compiled_ref}
     rows = []

@@ -18,7 +18,6 @@ overhead of reft_ext.loreft on a tiny input without grad.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -54,15 +53,9 @@ class HandOver(torch.autograd.Function):
         return ctx.box.pop(), None
 
 
-def f7_l7(B, T, device):
-    first = torch.arange(7)
-    return torch.cat([first, T - 7 + first]).expand(B, 14).contiguous().to(device)
-
-
 def make_case(B, T, d, r, P, dtype, device, gen):
     h0 = torch.randn(B, T, d, generator=gen).to(device=device, dtype=dtype)
-    pos = (f7_l7(B, T, device) if P == 14 else
-           torch.arange(T).expand(B, T).contiguous().to(device))
+    pos = common.positions(B, T, P, device)  # P=14: f7+l7; P=T: every token
     R = torch.linalg.qr(torch.randn(d, r, generator=gen))[0].T.contiguous()
     params = [R, 0.1 * torch.randn(r, d, generator=gen), 0.1 * torch.randn(r, generator=gen)]
     params = [p.to(device).requires_grad_() for p in params]  # fp32 params, as in training

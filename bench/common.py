@@ -64,6 +64,16 @@ def measure(fn, *, setup=None, reps: int = 30, warmup: int = 3, device="cpu",
     return {"median": statistics.median(times), "p20": q[0], "p80": q[3], "n": len(times)}
 
 
+def positions(B: int, T: int, P: int, device) -> torch.Tensor:
+    """(B, P) int64: every token when P >= T, else the first P // 2 and the last
+    P - P // 2 tokens (P = 14 is f7+l7, P = 1 the last token)."""
+    if P >= T:
+        return torch.arange(T).expand(B, T).contiguous().to(device)
+    k = P // 2
+    idx = torch.cat([torch.arange(k), torch.arange(T - (P - k), T)])
+    return idx.expand(B, P).contiguous().to(device)
+
+
 def environment(device="cpu") -> dict:
     """Machine and versions recorded with every row."""
     import reft_ext

@@ -54,16 +54,6 @@ from reft_ext.reference import loreft_reference, loreft_reference_  # noqa: E402
 ALL_MODES = ("fwd", "bwd", "fwd+bwd")
 
 
-def positions(B: int, T: int, P: int, device) -> torch.Tensor:
-    """(B, P) int64: every token when P >= T, else the first P // 2 and the last
-    P - P // 2 tokens (P = 14 is f7+l7, P = 1 the last token)."""
-    if P >= T:
-        return torch.arange(T).expand(B, T).contiguous().to(device)
-    k = P // 2
-    idx = torch.cat([torch.arange(k), torch.arange(T - (P - k), T)])
-    return idx.expand(B, P).contiguous().to(device)
-
-
 def op_providers(d: int, r: int, device, compiled: dict) -> tuple[dict, dict]:
     """({name: fn(h, pos, R, W, b) -> (B, T, d)}, {name: why it cannot run}). The module
     providers keep their own parameters (R is materialised from the parametrisation inside
@@ -143,7 +133,7 @@ def run_op(cfg, env: dict, log) -> list[dict]:
             cases = [c for c in cases if c[:2] == (14, d0)]
         for P, d, modes in cases:
             leaf, _, params, grad = bench_op.make_case(B, T, d, r, T, dtype, cfg.device, gen)
-            case = (leaf, positions(B, T, P, cfg.device), params, grad)
+            case = (leaf, common.positions(B, T, P, cfg.device), params, grad)
             fns, missing = op_providers(d, r, cfg.device, compiled)
             if cfg.compile_at and (dname, P, d) not in cfg.compile_at:
                 # each new shape recompiles (~10 s on 2 cores): --quick compiles once
