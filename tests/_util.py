@@ -240,15 +240,3 @@ def check_against_reference(h, positions, R, W, b, grad_out, device, inplace: bo
         if check_rows_changed:
             _assert_rows_written("dh", dh, ref64[1], grad_out, mask)
     return fused
-    dh = fused[1].cpu()
-    assert_bitwise_equal(dh[~mask], grad_out[~mask], "dh at unselected rows vs grad_out")
-    if check_rows_changed and mask.any():
-        # Poison check: the input itself is the "poison" of an unwritten row. Wherever the
-        # correctly rounded result differs from the input, the op's row must differ too.
-        expect_changed = (ref64[0].to(h.dtype)[mask] != h[mask]).any(dim=-1)
-        changed = (out[mask] != h[mask]).any(dim=-1)
-        assert bool(changed[expect_changed].all()), "a selected row of out was not written"
-        expect_changed = (ref64[1].to(h.dtype)[mask] != grad_out[mask]).any(dim=-1)
-        changed = (dh[mask] != grad_out[mask]).any(dim=-1)
-        assert bool(changed[expect_changed].all()), "a selected row of dh was not written"
-    return fused

@@ -333,6 +333,67 @@ def test_non_contiguous_grad_output(device, inplace):
 
 # --- loreft_ ---------------------------------------------------------------------------
 
+def _exact_16bit_case(dtype, d, seed):
+    """Values for which the op's float32 results are exact, so its one rounding (float32 to
+    the 16-bit dtype) can be predicted bit for bit. Column k holds values with exponent e_k
+    and mbits mantissa bits; c (r=1, length d) holds multiples of half a unit in the last
+    place there, so x + c lands on ties (odd multiples) in both directions. Column 0 sits
+    at the largest exponent with the largest mantissa: +half an ulp rounds to +inf."""
+    g = torch.Generator().manual_seed(seed)
+    mbits, e_max = (7, 127) if dtype == torch.bfloat16 else (10, 15)
+    B, T = 2, 8
+    e = torch.randint(-4, 5, (d,), generator=g).double()
+    e[0] = e_max
+    mant = 1 + torch.randint(0, 2 ** mbits, (B, T, d), generator=g).double() / 2 ** mbits
+    mant[:, :, 0] = 2 - 2.0 ** -mbits
+    sign = torch.where(torch.rand(B, T, d, generator=g) < 0.5, -1.0, 1.0)
+    sign[:, :, 0] = 1.0
+    vals = (sign * mant * 2 ** e).to(dtype)
+    steps = torch.tensor([1.0, -1.0, 3.0, -3.0, 2.0, -2.0, 0.5, -5.0], dtype=torch.float64)
+    mult = steps[torch.randint(0, len(steps), (d,), generator=g)]
+    mult[0] = 1.0
+    c = (mult * 2.0 ** (e - mbits - 1)).to(torch.float32)[None]  # (1, d), exact in float32
+    return vals, c
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", OPS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dt)
+@pytest.mark.parametrize("d", [64, 67], ids=["whole_vectors", "tail"])
+def test_16bit_results_round_to_nearest_even(device, inplace, dtype, d):
+    """Bitwise check of the float32 -> 16-bit rounding, ties and overflow included, in the
+    forward (rows written straight from vectors, or through the scalar tail) and in dx."""
+    op = reft_ext.loreft_ if inplace else reft_ext.loreft
+    x, c = _exact_16bit_case(dtype, d, seed_of("round", dtype, d))
+    B, T, _ = x.shape
+    x[1, 3, 5] = float("nan")  # a NaN in a row makes that whole edited row NaN
+    pos = torch.arange(T).repeat(B, 1)
+    # Forward: W = R = c and b = 1 give z = 1 exactly, so out = x + c (exact in float32).
+    R = c.clone()
+    g_any = torch.randn(B, T, d, dtype=torch.float64).to(dtype)
+    out, *_ = run_op(op, x, pos, R, R.clone(), torch.ones(1), g_any, device, inplace)
+    want = (x.double() + c.double()).float().to(dtype)
+    want[1, 3] = float("nan")
+    assert int(torch.isinf(want).sum()) >= B * T - 1, "the overflow column must round to inf"
+    assert_bitwise_equal(torch.where(torch.isnan(want), 0, out.cpu()),
+                         torch.where(torch.isnan(want), 0, want), "forward")
+    assert bool(torch.isnan(out[1, 3].cpu()).all()), "the NaN row must be NaN throughout"
+    # Backward: R = e_0 and g[..., 0] = 1 give g R^T = 1, so dx = g + (W - R) = g + c.
+    g_out = x.clone()
+    g_out[1, 3, 5] = 1.0
+    g_out[:, :, 0] = 1.0
+    R = torch.zeros(1, d)
+    R[0, 0] = 1.0
+    c[0, 0] = 0.0
+    h = torch.randn(B, T, d, generator=torch.Generator().manual_seed(3)).to(dtype)
+    _, dh, *_ = run_op(op, h, pos, R, R + c, torch.zeros(1), g_out, device, inplace)
+    want = (g_out.double() + c.double()).float().to(dtype)
+    assert_bitwise_equal(dh, want, "dx")
+    low, half = (0xFFFF, 0x8000) if dtype == torch.bfloat16 else (0x1FFF, 0x1000)
+    ties = ((x.double() + c.double()).float().view(torch.int32) & low) == half
+    assert int(ties.sum()) > 10, "the case must contain ties to test them"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtypes", [(torch.float32, None), (torch.float16, None),
                                     (torch.bfloat16, (torch.float32, torch.bfloat16,
