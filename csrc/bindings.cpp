@@ -80,8 +80,6 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("cpu_isa", &reft::cpu_isa, "Instruction set of the CPU kernels on this machine.");
-  m.def("advise_huge_pages", &reft::advise_huge_pages,
-        "madvise(MADV_HUGEPAGE) on the whole 2 MiB pages of a fresh buffer (ptr, bytes).");
   m.attr("cxx_compiler") = std::string(REFT_EXT_CXX_COMPILER);
 
 #ifdef REFT_EXT_WITH_CUDA

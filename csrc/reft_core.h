@@ -73,11 +73,6 @@ void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered,
 // Instruction set the CPU kernels use on this machine ("avx2+fma" or "baseline").
 const char* cpu_isa();
 
-// Advises the kernel to back the 2 MiB-aligned part of [ptr, ptr + bytes) with transparent
-// huge pages (Linux madvise MADV_HUGEPAGE; elsewhere a no-op). Meant for a fresh buffer the
-// caller owns and has not touched yet. Returns whether the advice was taken.
-bool advise_huge_pages(uintptr_t ptr, uint64_t bytes);
-
 #ifdef REFT_EXT_WITH_CUDA
 // CUDA versions: same contracts as the CPU kernels, pointers on the current device, work
 // launched on p.stream (asynchronous: the functions return before the kernels finish).

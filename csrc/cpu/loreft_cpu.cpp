@@ -10,10 +10,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "../reft_core.h"
 #include "dtype.h"
 
@@ -113,22 +109,6 @@ bool check_positions_cpu(const Problem& p, char* msg, int64_t msg_size) {
     }
   }
   return true;
-}
-
-bool advise_huge_pages(uintptr_t ptr, uint64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  // Only whole huge pages inside the buffer: the advice then never reaches a neighbour's
-  // memory. A first write to each faults in 2 MiB at once, instead of 512 faults of 4 KiB.
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = (ptr + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (ptr + bytes) & ~(kHuge - 1);
-  if (end <= begin) return false;
-  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
-#else
-  (void)ptr;
-  (void)bytes;
-  return false;
-#endif
 }
 
 void loreft_forward_cpu(const Problem& p, Rows io, Rows saved) {

@@ -18,7 +18,6 @@ dispatcher overhead is ~3x lower per call, and autograd lives outside the ops
 """
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -103,22 +102,6 @@ def _problem(h, positions, R, W, b, stream: int = 0):
             b.data_ptr(), _DTYPE_CODE[b.dtype], torch.get_num_threads(), stream)
 
 
-# Fresh (B, T, d) CPU buffers from this size up are advised onto transparent huge pages
-# (the kernel zeroes 2 MiB per fault instead of 4 KiB): on the 2-core CI VM a fresh 64 MiB
-# copy takes ~10 ms instead of ~22 ms, nearly all of it page faults. Set
-# REFT_EXT_HUGE_PAGES=0 to leave the allocator's pages alone.
-_HUGE_PAGES_MIN_BYTES = 4 << 20
-_huge_pages = os.environ.get("REFT_EXT_HUGE_PAGES", "1") != "0"
-
-
-def _fresh_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A new contiguous CPU tensor holding t converted to dtype (one pass)."""
-    out = torch.empty(t.shape, dtype=dtype, device=t.device)
-    if _huge_pages and out.nbytes >= _HUGE_PAGES_MIN_BYTES:
-        _native.lib().advise_huge_pages(out.data_ptr(), out.nbytes)
-    return out.copy_(t)
-
-
 def _contig_params(R, W, b):
     return R.contiguous(), W.contiguous(), b.contiguous()
 
@@ -157,7 +140,7 @@ def _bump_version(t: torch.Tensor) -> None:
 @torch.library.impl("reft_ext::loreft_fwd", "cpu")
 def _fwd_cpu(h, positions, R, W, b):
     R, W, b = _contig_params(R, W, b)
-    out = _fresh_copy(h, h.dtype)
+    out = h.clone(memory_format=torch.contiguous_format)
     _raise_if("loreft", _native.lib().forward_cpu(*_problem(h, positions, R, W, b),
                                                   *_rows(out), 0, 0, 0))
     return out
@@ -192,7 +175,7 @@ def _bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b):
 
 @torch.library.impl("reft_ext::loreft_bwd", "cpu")
 def _bwd_cpu(grad, positions, x, x_gathered, R, W, b):
-    grad_h = _fresh_copy(grad, x.dtype)
+    grad_h = grad.to(x.dtype).clone(memory_format=torch.contiguous_format)
     return grad_h, *_bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b)
 
 
