@@ -9,8 +9,11 @@ non-leaf tensor requiring grad each repeat (made untimed), parameters require gr
 training. The incoming gradient is, as in training, a fresh tensor that the layer above
 hands to autograd and nobody else holds (reft_ext then writes dx into it: see
 functional._owned); the modes "bwd, caller's grad" and "fwd+bwd, caller's grad" pass a
-gradient the caller keeps (out.backward(grad)), which reft_ext must copy. Also the per-call
-overhead of reft_ext.loreft on a tiny input without grad.
+gradient the caller keeps (out.backward(grad)), which reft_ext must copy; with it, the
+"copy floor": the two fresh (B, T, d) copies that form requires of any implementation. Within
+each mode the providers take turns, one repeat each per round (common.measure_interleaved),
+so drift of a shared machine does not tilt their ratios. Also the per-call overhead of
+reft_ext.loreft on a tiny input without grad.
 
     python bench/bench_op.py                 # default shapes, 2 threads, ~3 min on 2 cores
     python bench/bench_op.py --quick         # fewer repeats (smoke test)
@@ -77,12 +80,12 @@ def bench_case(B, T, d, r, P, dtype, device, reps, gen):
     def fresh_grad():
         return [grad.clone()]  # untimed; the list is the only holder until backward
 
-    results = {}
-    for name, fn in PROVIDERS.items():
-        def fwd(h, fn=fn):
+    def closures(fn):
+        """{mode: (timed fn, untimed setup)} of one provider."""
+        def fwd(h):
             return fn(h, pos, *params)
 
-        def fwd_for_bwd(fn=fn):
+        def fwd_for_bwd():
             return fn(fresh_h(), pos, *params), fresh_grad()
 
         def bwd(state):
@@ -92,21 +95,19 @@ def bench_case(B, T, d, r, P, dtype, device, reps, gen):
         def bwd_caller(state):
             state[0].backward(grad)
 
-        def both(state, fn=fn):
+        def both(state):
             h, box = state
             HandOver.apply(fn(h, pos, *params), box).backward()
 
-        def both_caller(state, fn=fn):
+        def both_caller(state):
             fn(state[0], pos, *params).backward(grad)
 
         def h_and_grad():
             return fresh_h(), fresh_grad()
 
-        for mode, f, setup in (("fwd", fwd, fresh_h), ("bwd", bwd, fwd_for_bwd),
-                               ("fwd+bwd", both, h_and_grad),
-                               ("bwd, caller's grad", bwd_caller, fwd_for_bwd),
-                               ("fwd+bwd, caller's grad", both_caller, h_and_grad)):
-            results[(name, mode)] = common.measure(f, setup=setup, reps=reps, device=device)
+        return {"fwd": (fwd, fresh_h), "bwd": (bwd, fwd_for_bwd), "fwd+bwd": (both, h_and_grad),
+                "bwd, caller's grad": (bwd_caller, fwd_for_bwd),
+                "fwd+bwd, caller's grad": (both_caller, h_and_grad)}
 
     def copies(state):
         # What the out-of-place contract alone costs with the caller's gradient: a new
@@ -114,8 +115,15 @@ def bench_case(B, T, d, r, P, dtype, device, reps, gen):
         state[0].detach().clone()
         grad.clone()
 
-    results[("copy floor", "fwd+bwd, caller's grad")] = common.measure(
-        copies, setup=h_and_grad, reps=reps, device=device)
+    per_provider = {name: closures(fn) for name, fn in PROVIDERS.items()}
+    results = {}
+    for mode in MODES:
+        # Providers take turns within each mode (common.measure_interleaved).
+        cases = {name: modes[mode] for name, modes in per_provider.items()}
+        if mode == "fwd+bwd, caller's grad":
+            cases["copy floor"] = (copies, cases["fused"][1])
+        for name, stats in common.measure_interleaved(cases, reps=reps, device=device).items():
+            results[(name, mode)] = stats
     return results
 
 

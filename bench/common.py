@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: timing with spread, machine/version records, CSV + tables.
 
 Every benchmark in bench/ times with `measure` (warm-up, many repeats, median and p20/p80,
-device-synchronised), tags rows with `environment()`, and writes them with `write_rows`.
+device-synchronised) or, for providers compared with each other, `measure_interleaved`, tags rows with `environment()`, and writes them with `write_rows`.
 Rows in the report format (`COLUMNS`, one measurement each; bench/run_all.py) are made by
 `row`; peak memory is measured with `peak_memory_start` / `peak_memory_growth`.
 """
@@ -35,33 +35,55 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_once(fn, setup, device) -> float:
+    """Seconds of one fn() call (fn(setup()) when setup is given; setup untimed)."""
+    arg = setup() if setup is not None else None
+    _sync(device)
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(arg) if setup is not None else fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn(arg) if setup is not None else fn()
+    return time.perf_counter() - t0
+
+
+def _stats(times: list) -> dict:
+    times = sorted(times)
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    return {"median": statistics.median(times), "p20": q[0], "p80": q[3], "n": len(times)}
+
+
 def measure(fn, *, setup=None, reps: int = 30, warmup: int = 3, device="cpu",
             min_seconds: float = 0.0) -> dict:
     """Times fn() `reps` times (after `warmup` untimed calls) and returns seconds as
     {"median", "p20", "p80", "n"}. setup(), if given, runs untimed before each call and its
     result is passed to fn. On CUDA, times with events on the current stream."""
-    def once():
-        arg = setup() if setup is not None else None
-        _sync(device)
-        if torch.device(device).type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(arg) if setup is not None else fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn(arg) if setup is not None else fn()
-        return time.perf_counter() - t0
-
     for _ in range(warmup):
-        once()
+        _time_once(fn, setup, device)
     times, t_start = [], time.perf_counter()
     while len(times) < reps or time.perf_counter() - t_start < min_seconds:
-        times.append(once())
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
-    return {"median": statistics.median(times), "p20": q[0], "p80": q[3], "n": len(times)}
+        times.append(_time_once(fn, setup, device))
+    return _stats(times)
+
+
+def measure_interleaved(cases: dict, *, reps: int = 30, warmup: int = 3,
+                        device="cpu") -> dict:
+    """Like measure, for {name: (fn, setup)} timed in turns: each round runs one repeat of
+    every case, so the slow drift of a shared machine (minutes of more or less contention)
+    falls on all of them alike and the ratios between them stay steadier than between
+    back-to-back blocks of repeats. Returns {name: measure()-style stats}."""
+    for _ in range(warmup):
+        for fn, setup in cases.values():
+            _time_once(fn, setup, device)
+    times = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, (fn, setup) in cases.items():
+            times[name].append(_time_once(fn, setup, device))
+    return {name: _stats(t) for name, t in times.items()}
 
 
 def positions(B: int, T: int, P: int, device) -> torch.Tensor:
