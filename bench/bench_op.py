@@ -15,7 +15,7 @@ each mode the providers take turns, one repeat each per round (common.measure_in
 so drift of a shared machine does not tilt their ratios. Also the per-call overhead of
 reft_ext.loreft on a tiny input without grad.
 
-    python bench/bench_op.py                 # default shapes, 2 threads, ~3 min on 2 cores
+    python bench/bench_op.py                 # default shapes, 2 threads, ~5 min on 2 cores
     python bench/bench_op.py --quick         # fewer repeats (smoke test)
 """
 from __future__ import annotations
@@ -67,47 +67,54 @@ def make_case(B, T, d, r, P, dtype, device, gen):
     return leaf, pos, params, grad
 
 
-def bench_case(B, T, d, r, P, dtype, device, reps, gen):
-    leaf, pos, params, grad = make_case(B, T, d, r, P, dtype, device, gen)
+def mode_cases(fn, case, extra=()) -> dict:
+    """{mode: (timed fn, untimed setup)} of provider fn(h, pos, R, W, b) on
+    case = make_case(...); extra: a module provider's own parameters, whose gradients are
+    cleared with the op's."""
+    leaf, pos, params, grad = case
+
     def fresh_h():
         # A non-leaf h that requires grad, as a layer output in training. Gradients are
         # dropped first: accumulating into .grad across repeats would add a (B, T, d) sum
         # to every provider's timing that training does not pay.
-        for t in (leaf, *params):
+        for t in (leaf, *params, *extra):
             t.grad = None
         return leaf.clone()
 
     def fresh_grad():
         return [grad.clone()]  # untimed; the list is the only holder until backward
 
-    def closures(fn):
-        """{mode: (timed fn, untimed setup)} of one provider."""
-        def fwd(h):
-            return fn(h, pos, *params)
+    def fwd(h):
+        return fn(h, pos, *params)
 
-        def fwd_for_bwd():
-            return fn(fresh_h(), pos, *params), fresh_grad()
+    def fwd_for_bwd():
+        return fn(fresh_h(), pos, *params), fresh_grad()
 
-        def bwd(state):
-            out, box = state
-            HandOver.apply(out, box).backward()
+    def bwd(state):
+        out, box = state
+        HandOver.apply(out, box).backward()
 
-        def bwd_caller(state):
-            state[0].backward(grad)
+    def bwd_caller(state):
+        state[0].backward(grad)
 
-        def both(state):
-            h, box = state
-            HandOver.apply(fn(h, pos, *params), box).backward()
+    def both(state):
+        h, box = state
+        HandOver.apply(fn(h, pos, *params), box).backward()
 
-        def both_caller(state):
-            fn(state[0], pos, *params).backward(grad)
+    def both_caller(state):
+        fn(state[0], pos, *params).backward(grad)
 
-        def h_and_grad():
-            return fresh_h(), fresh_grad()
+    def h_and_grad():
+        return fresh_h(), fresh_grad()
 
-        return {"fwd": (fwd, fresh_h), "bwd": (bwd, fwd_for_bwd), "fwd+bwd": (both, h_and_grad),
-                "bwd, caller's grad": (bwd_caller, fwd_for_bwd),
-                "fwd+bwd, caller's grad": (both_caller, h_and_grad)}
+    return {"fwd": (fwd, fresh_h), "bwd": (bwd, fwd_for_bwd), "fwd+bwd": (both, h_and_grad),
+            "bwd, caller's grad": (bwd_caller, fwd_for_bwd),
+            "fwd+bwd, caller's grad": (both_caller, h_and_grad)}
+
+
+def bench_case(B, T, d, r, P, dtype, device, reps, gen):
+    case = make_case(B, T, d, r, P, dtype, device, gen)
+    grad = case[3]
 
     def copies(state):
         # What the out-of-place contract alone costs with the caller's gradient: a new
@@ -115,7 +122,7 @@ def bench_case(B, T, d, r, P, dtype, device, reps, gen):
         state[0].detach().clone()
         grad.clone()
 
-    per_provider = {name: closures(fn) for name, fn in PROVIDERS.items()}
+    per_provider = {name: mode_cases(fn, case) for name, fn in PROVIDERS.items()}
     results = {}
     for mode in MODES:
         # Providers take turns within each mode (common.measure_interleaved).

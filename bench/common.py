@@ -1,7 +1,8 @@
 """Shared benchmark plumbing: timing with spread, machine/version records, CSV + tables.
 
 Every benchmark in bench/ times with `measure` (warm-up, many repeats, median and p20/p80,
-device-synchronised) or, for providers compared with each other, `measure_interleaved`, tags rows with `environment()`, and writes them with `write_rows`.
+device-synchronised) or, for providers compared with each other, `measure_interleaved`,
+tags rows with `environment()`, and writes them with `write_rows`.
 Rows in the report format (`COLUMNS`, one measurement each; bench/run_all.py) are made by
 `row`; peak memory is measured with `peak_memory_start` / `peak_memory_growth`.
 """

@@ -80,27 +80,7 @@ def time_op(fn, mode: str, case: tuple, cfg) -> tuple[dict, float | None]:
     fresh tensor that autograd alone holds (bench_op.HandOver; reft_ext may then write dx
     into it). Returns (measure() stats, peak memory growth of one call in bytes on CUDA,
     else None)."""
-    leaf, pos, params, grad = case
-    extra = getattr(fn, "params", [])
-
-    def fresh():
-        # drop gradients first: accumulating into .grad would add a (B, T, d) sum that
-        # training does not pay (as bench_op.bench_case)
-        for t in (leaf, *params, *extra):
-            t.grad = None
-        return leaf.clone()
-
-    def backward(out, box):
-        bench_op.HandOver.apply(out, box).backward()
-
-    if mode == "fwd":
-        setup, run = fresh, lambda h: fn(h, pos, *params)
-    elif mode == "bwd":
-        setup = lambda: (fn(fresh(), pos, *params), [grad.clone()])  # noqa: E731
-        run = lambda s: backward(*s)  # noqa: E731
-    else:
-        setup = lambda: (fresh(), [grad.clone()])  # noqa: E731
-        run = lambda s: backward(fn(s[0], pos, *params), s[1])  # noqa: E731
+    run, setup = bench_op.mode_cases(fn, case, getattr(fn, "params", []))[mode]
     probe = common.measure(run, setup=setup, reps=1, warmup=cfg.warmup, device=cfg.device)
     n = int(min(cfg.reps, max(cfg.min_reps, cfg.budget / max(probe["median"], 1e-9))))
     stats = common.measure(run, setup=setup, reps=n, warmup=0, device=cfg.device)
