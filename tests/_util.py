@@ -165,9 +165,6 @@ def assert_within_rule(what: str, fused: torch.Tensor, ref64: torch.Tensor,
     return tol
 
 
-GRAD_SOURCES = ("caller", "autograd", "params-only")
-
-
 def run_op(op, h, positions, R, W, b, grad_out, device, inplace: bool, grad_from="caller"):
     """Runs loreft (or loreft_ on a non-leaf copy) on `device` with grads; returns
     (out, dh, dR, dW, db) where out is detached.

@@ -59,6 +59,10 @@ SHAPES = {
     "P0": (2, 5, 8, 2, 0, 0.0),
     "all_empty": (2, 5, 8, 2, 4, 1.0),
 }
+# (h dtype, parameter dtypes or None for h's) run over every shape
+SHAPE_DTYPES = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                (torch.float64, None), (torch.bfloat16, (torch.float32,) * 3)]
+SHAPE_DTYPE_IDS = ["f32", "bf16", "f16", "f64", "bf16_fp32params"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -77,10 +81,7 @@ def test_every_dtype_combination(device, inplace, combo, shape):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inplace", OPS)
 @pytest.mark.parametrize("pos_dtype", POS_DTYPES, ids=_dt)
-@pytest.mark.parametrize("dtypes", [
-    (torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
-    (torch.float64, None), (torch.bfloat16, (torch.float32,) * 3),
-], ids=["f32", "bf16", "f16", "f64", "bf16_fp32params"])
+@pytest.mark.parametrize("dtypes", SHAPE_DTYPES, ids=SHAPE_DTYPE_IDS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_shapes(device, inplace, pos_dtype, dtypes, shape):
     hd, pd = dtypes
@@ -98,10 +99,7 @@ def test_shapes(device, inplace, pos_dtype, dtypes, shape):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inplace", OPS)
 @pytest.mark.parametrize("grad_from", ["autograd", "params-only"])
-@pytest.mark.parametrize("dtypes", [
-    (torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
-    (torch.float64, None), (torch.bfloat16, (torch.float32,) * 3),
-], ids=["f32", "bf16", "f16", "f64", "bf16_fp32params"])
+@pytest.mark.parametrize("dtypes", SHAPE_DTYPES, ids=SHAPE_DTYPE_IDS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_shapes_other_backward_paths(device, inplace, grad_from, dtypes, shape):
     """test_shapes with the gradient owned by autograd (the CPU backward then writes dx into
