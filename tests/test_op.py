@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 
 import pytest
@@ -607,3 +608,42 @@ def test_forked_child_runs_the_cpu_kernels():
         pytest.fail("the forked child hung in the CPU kernels")
     assert os.read(rfd, 1) == b"1", "the forked child got a different result"
     os.close(rfd)
+
+
+def _pool_workers() -> list:
+    """Thread ids of the CPU kernels' pool workers in this process (Linux)."""
+    tids = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == "reft_ext_pool":
+                    tids.append(int(tid))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return tids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and at least 2 CPUs")
+def test_pool_workers_run_off_the_callers_cpu():
+    """The pool keeps its workers off the CPU the calling thread is on (else the scheduler
+    may wake them on it, and the two take turns), within the caller's own CPU affinity;
+    pinned to a single CPU, the caller gets its results all the same."""
+    h, pos, R, W, b, _ = make_inputs(seed_of("affinity"), 4, 64, 512, 8, 48)
+    torch.set_num_threads(2)
+    expected = reft_ext.loreft(h, pos, R, W, b)
+    original = os.sched_getaffinity(0)  # of this thread
+    pair = set(sorted(original)[:2])
+    try:
+        for cpus in ({min(pair)}, pair):
+            os.sched_setaffinity(0, cpus)
+            out = reft_ext.loreft(h, pos, R, W, b)
+            assert_bitwise_equal(out, expected, f"caller on CPUs {cpus}")
+        workers = _pool_workers()
+        assert workers, "no pool worker found (named reft_ext_pool)"
+        for tid in workers:
+            allowed = os.sched_getaffinity(tid)
+            # The caller's pair less the one it ran on: exactly one CPU of the pair.
+            assert len(allowed) == 1 and allowed <= pair, (tid, allowed, pair)
+    finally:
+        os.sched_setaffinity(0, original)
