@@ -12,8 +12,8 @@ effect is below the run-to-run spread of bench_op.py.
 
 Arguments are name=path of each build's _C module; the installed reft_ext marshals the
 arguments, so the builds must share its native signatures. The native calls alone are
-timed (no autograd, no allocation): forward with the saved-rows copy, as loreft_ with grad
-does, and backward from the saved rows, at B=8 T=512 d=4096 r=8, P=14 (f7+l7), float32 and
+timed (no autograd, no allocation): forward with the saved-rows copy and coefficients, as
+loreft_ with grad does, and backward from them, at B=8 T=512 d=4096 r=8, P=14 (f7+l7), float32 and
 bfloat16 h with float32 parameters, on 1 and 2 threads; "cold" repeats first stream
 128 MiB through the caches.
 """
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
         W, b = 0.1 * torch.randn(r, d, generator=gen), 0.1 * torch.randn(r, generator=gen)
         pos = common.positions(B, T, P, "cpu")
         saved = h.new_empty((B, P, d))
+        coef = torch.empty((B, P, r))
         grads = [torch.empty(r, d), torch.empty(r, d), torch.empty(r)]
         for threads in (1, 2):
             torch.set_num_threads(threads)
@@ -80,13 +81,14 @@ def main(argv=None) -> int:
                         if cold:
                             evict.mul_(1.0)
                         t0 = time.perf_counter()
-                        lib.forward_cpu(*args_p, *_ops._rows(h), *_ops._rows(saved))
+                        lib.forward_cpu(*args_p, *_ops._rows(h), *_ops._rows(saved),
+                                        coef.data_ptr())
                         t1 = time.perf_counter()
                         if cold:
                             evict.mul_(1.0)
                         t2 = time.perf_counter()
                         lib.backward_cpu(*args_p, *_ops._rows(g), *_ops._rows(saved), True,
-                                         *(t.data_ptr() for t in grads))
+                                         coef.data_ptr(), *(t.data_ptr() for t in grads))
                         t3 = time.perf_counter()
                         suffix = " cold" if cold else ""
                         times.setdefault(("fwd" + suffix, name), []).append(t1 - t0)

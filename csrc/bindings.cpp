@@ -49,15 +49,17 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "reft_ext native kernels (private; use reft_ext.loreft / reft_ext.loreft_)";
 
   // Validates the positions' values, then edits; returns '' or why nothing was written.
+  // coef: 0, or a contiguous (B, P, r) buffer of the accumulation type for z.
   m.def("forward_cpu", [](PROBLEM_ARGS, uintptr_t io, int64_t io_sb, int64_t io_st,
-                          uintptr_t saved, int64_t saved_sb, int64_t saved_st) {
+                          uintptr_t saved, int64_t saved_sb, int64_t saved_st,
+                          uintptr_t coef) {
     Problem p = PROBLEM;
     char msg[256] = {0};
     {
       py::gil_scoped_release release;
       if (reft::check_positions_cpu(p, msg, sizeof(msg)))
         reft::loreft_forward_cpu(p, Rows{as_ptr(io), io_sb, io_st},
-                                 Rows{as_ptr(saved), saved_sb, saved_st});
+                                 Rows{as_ptr(saved), saved_sb, saved_st}, as_ptr(coef));
     }
     return std::string(msg);
   });
@@ -70,13 +72,15 @@ PYBIND11_MODULE(_C, m) {
     return std::string(msg);
   }, "Returns '' when positions are valid, else the reason. Reads only the positions.");
 
+  // coef: 0, or forward_cpu's coef for these x and parameters (z is then not recomputed).
   m.def("backward_cpu", [](PROBLEM_ARGS, uintptr_t gio, int64_t g_sb, int64_t g_st,
                            uintptr_t x, int64_t x_sb, int64_t x_st, bool x_gathered,
-                           uintptr_t dR, uintptr_t dW, uintptr_t db) {
+                           uintptr_t coef, uintptr_t dR, uintptr_t dW, uintptr_t db) {
     Problem p = PROBLEM;
     py::gil_scoped_release release;
     reft::loreft_backward_cpu(p, Rows{as_ptr(gio), g_sb, g_st}, Rows{as_ptr(x), x_sb, x_st},
-                              x_gathered, as_ptr(dR), as_ptr(dW), as_ptr(db));
+                              x_gathered, reinterpret_cast<const void*>(coef), as_ptr(dR),
+                              as_ptr(dW), as_ptr(db));
   });
 
   m.def("cpu_isa", &reft::cpu_isa, "Instruction set of the CPU kernels on this machine.");

@@ -58,8 +58,10 @@ bool check_positions_cpu(const Problem& p, char* msg, int64_t msg_size);
 //   saved[i, j, :] = io[i, t, :]   (when saved.data != nullptr; (B, P, d) in h's dtype;
 //                                    empty slots are set to zeros)
 //   io[i, t, :]    = Phi(io[i, t, :])
+//   coef[i, j, :]  = z of that row (when coef != nullptr; contiguous (B, P, r) in the
+//                    accumulation type; empty slots get zeros)
 // Rows not selected are never read or written.
-void loreft_forward_cpu(const Problem& p, Rows io, Rows saved);
+void loreft_forward_cpu(const Problem& p, Rows io, Rows saved, void* coef);
 
 // Backward. gio holds g = dL/dy on entry (all B*T rows) and receives dL/dh at the selected
 // rows (other rows are left as they are, which is their gradient). x gives the forward's
@@ -67,8 +69,11 @@ void loreft_forward_cpu(const Problem& p, Rows io, Rows saved);
 // row (i, pos[i, j]). dR, dW (r, d) and db (r,) are written (not accumulated) in the
 // accumulation type: float64 when h is float64, float32 otherwise. The reduction over rows
 // uses a fixed partition that depends only on the problem's shape, never on thread count.
+// coef: nullptr, or the forward's coef for these x and parameters, which the backward then
+// reads instead of computing z again (the same values: a row's z does not depend on the
+// tiling).
 void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered,
-                         void* dR, void* dW, void* db);
+                         const void* coef, void* dR, void* dW, void* db);
 
 // Instruction set the CPU kernels use on this machine ("avx2+fma" or "baseline").
 const char* cpu_isa();

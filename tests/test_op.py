@@ -591,7 +591,7 @@ def test_forked_child_runs_the_cpu_kernels():
             torch.set_num_threads(1)
             problem = list(_ops._problem(io, pos, R, W, b))
             problem[-2] = 2  # the kernels' thread count
-            msg = _native.lib().forward_cpu(*problem, *_ops._rows(io), 0, 0, 0)
+            msg = _native.lib().forward_cpu(*problem, *_ops._rows(io), 0, 0, 0, 0)
             os.write(wfd, b"1" if not msg and torch.equal(io, expected) else b"0")
         finally:
             os._exit(0)

@@ -15,20 +15,20 @@
 
 namespace reft {
 namespace base {
-void forward_any(const Problem& p, Rows io, Rows saved);
-void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, void* dR, void* dW,
-                  void* db);
+void forward_any(const Problem& p, Rows io, Rows saved, void* coef);
+void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, const void* coef,
+                  void* dR, void* dW, void* db);
 }  // namespace base
 #if defined(REFT_EXT_CPU_AVX2)
 namespace avx2 {
-void forward_any(const Problem& p, Rows io, Rows saved);
-void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, void* dR, void* dW,
-                  void* db);
+void forward_any(const Problem& p, Rows io, Rows saved, void* coef);
+void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, const void* coef,
+                  void* dR, void* dW, void* db);
 }  // namespace avx2
 namespace avx512 {
-void forward_any(const Problem& p, Rows io, Rows saved);
-void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, void* dR, void* dW,
-                  void* db);
+void forward_any(const Problem& p, Rows io, Rows saved, void* coef);
+void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, const void* coef,
+                  void* dR, void* dW, void* db);
 }  // namespace avx512
 #endif
 
@@ -111,21 +111,21 @@ bool check_positions_cpu(const Problem& p, char* msg, int64_t msg_size) {
   return true;
 }
 
-void loreft_forward_cpu(const Problem& p, Rows io, Rows saved) {
+void loreft_forward_cpu(const Problem& p, Rows io, Rows saved, void* coef) {
 #if defined(REFT_EXT_CPU_AVX2)
-  if (use_avx512()) return avx512::forward_any(p, io, saved);
-  if (use_avx2()) return avx2::forward_any(p, io, saved);
+  if (use_avx512()) return avx512::forward_any(p, io, saved, coef);
+  if (use_avx2()) return avx2::forward_any(p, io, saved, coef);
 #endif
-  base::forward_any(p, io, saved);
+  base::forward_any(p, io, saved, coef);
 }
 
-void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered, void* dR,
-                         void* dW, void* db) {
+void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered,
+                         const void* coef, void* dR, void* dW, void* db) {
 #if defined(REFT_EXT_CPU_AVX2)
-  if (use_avx512()) return avx512::backward_any(p, gio, x, x_gathered, dR, dW, db);
-  if (use_avx2()) return avx2::backward_any(p, gio, x, x_gathered, dR, dW, db);
+  if (use_avx512()) return avx512::backward_any(p, gio, x, x_gathered, coef, dR, dW, db);
+  if (use_avx2()) return avx2::backward_any(p, gio, x, x_gathered, coef, dR, dW, db);
 #endif
-  base::backward_any(p, gio, x, x_gathered, dR, dW, db);
+  base::backward_any(p, gio, x, x_gathered, coef, dR, dW, db);
 }
 
 }  // namespace reft

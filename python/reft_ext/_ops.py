@@ -3,12 +3,16 @@
 Three ops, all operating on rows h[i, positions[i, j]] of a (B, T, d) tensor:
 
   reft_ext::loreft_fwd(h, positions, R, W, b) -> out          new tensor, h untouched
-  reft_ext::loreft_fwd_(h!, positions, R, W, b, save_rows) -> saved
+  reft_ext::loreft_fwd_(h!, positions, R, W, b, save_rows) -> (saved, coef)
         edits h's selected rows in place; saved (B, P, d) holds their old values (for the
-        backward) when save_rows, else is empty
-  reft_ext::loreft_bwd(grad, positions, x, x_gathered, R, W, b) -> (grad_h, dR, dW, db)
-        x is the forward input: h itself (x_gathered=False) or the saved rows (True)
-  reft_ext::loreft_bwd_(grad!, positions, x, x_gathered, R, W, b) -> (dR, dW, db)
+        backward) when save_rows, else is empty; coef (B, P, r), in the accumulation dtype,
+        the rows' z = x M^T + b when save_rows on the CPU, else empty
+  reft_ext::loreft_bwd(grad, positions, x, x_gathered, R, W, b, coef=None)
+        -> (grad_h, dR, dW, db)
+        x is the forward input: h itself (x_gathered=False) or the saved rows (True);
+        coef: loreft_fwd_'s for these x and parameters, or None; the CPU kernels then
+        skip computing z again (one of the backward's five passes over a row)
+  reft_ext::loreft_bwd_(grad!, positions, x, x_gathered, R, W, b, coef=None) -> (dR, dW, db)
         the same, writing dx into grad's selected rows in place (grad must be contiguous;
         functional.py uses it only for a gradient that autograd hands to nobody else)
 
@@ -32,15 +36,16 @@ torch.library.define(
     "reft_ext::loreft_fwd", "(Tensor h, Tensor positions, Tensor R, Tensor W, Tensor b) -> Tensor")
 torch.library.define(
     "reft_ext::loreft_fwd_",
-    "(Tensor(a!) h, Tensor positions, Tensor R, Tensor W, Tensor b, bool save_rows) -> Tensor")
+    "(Tensor(a!) h, Tensor positions, Tensor R, Tensor W, Tensor b, bool save_rows) "
+    "-> (Tensor, Tensor)")
 torch.library.define(
     "reft_ext::loreft_bwd",
-    "(Tensor grad, Tensor positions, Tensor x, bool x_gathered, Tensor R, Tensor W, Tensor b)"
-    " -> (Tensor, Tensor, Tensor, Tensor)")
+    "(Tensor grad, Tensor positions, Tensor x, bool x_gathered, Tensor R, Tensor W, Tensor b,"
+    " Tensor? coef=None) -> (Tensor, Tensor, Tensor, Tensor)")
 torch.library.define(
     "reft_ext::loreft_bwd_",
     "(Tensor(a!) grad, Tensor positions, Tensor x, bool x_gathered, Tensor R, Tensor W, "
-    "Tensor b) -> (Tensor, Tensor, Tensor)")
+    "Tensor b, Tensor? coef=None) -> (Tensor, Tensor, Tensor)")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,16 +62,22 @@ def _fwd_fake(h, positions, R, W, b):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
+def _coef_buffer(h, positions, R, save_rows):
+    # Only the CPU kernels save z (the CUDA backward computes it again).
+    shape = ((h.shape[0], positions.shape[1], R.shape[0])
+             if save_rows and h.device.type == "cpu" else (0,))
+    return h.new_empty(shape, dtype=acc_dtype(h.dtype))
+
+
 @torch.library.register_fake("reft_ext::loreft_fwd_")
 def _fwd_inplace_fake(h, positions, R, W, b, save_rows):
     check_inputs("loreft_", h, positions, R, W, b)
-    if save_rows:
-        return h.new_empty((h.shape[0], positions.shape[1], h.shape[2]))
-    return h.new_empty((0,))
+    saved = h.new_empty((h.shape[0], positions.shape[1], h.shape[2]) if save_rows else (0,))
+    return saved, _coef_buffer(h, positions, R, save_rows)
 
 
 @torch.library.register_fake("reft_ext::loreft_bwd")
-def _bwd_fake(grad, positions, x, x_gathered, R, W, b):
+def _bwd_fake(grad, positions, x, x_gathered, R, W, b, coef=None):
     # The device kernels return contiguous gradients whatever the parameters' strides.
     contig = torch.contiguous_format
     return (torch.empty_like(grad, dtype=x.dtype, memory_format=contig),
@@ -75,7 +86,7 @@ def _bwd_fake(grad, positions, x, x_gathered, R, W, b):
 
 
 @torch.library.register_fake("reft_ext::loreft_bwd_")
-def _bwd_inplace_fake(grad, positions, x, x_gathered, R, W, b):
+def _bwd_inplace_fake(grad, positions, x, x_gathered, R, W, b, coef=None):
     _check_inplace_grad(grad, x)
     return _bwd_fake(grad, positions, x, x_gathered, R, W, b)[1:]
 
@@ -142,7 +153,7 @@ def _fwd_cpu(h, positions, R, W, b):
     R, W, b = _contig_params(R, W, b)
     out = h.clone(memory_format=torch.contiguous_format)
     _raise_if("loreft", _native.lib().forward_cpu(*_problem(h, positions, R, W, b),
-                                                  *_rows(out), 0, 0, 0))
+                                                  *_rows(out), 0, 0, 0, 0))
     return out
 
 
@@ -156,33 +167,49 @@ def _fwd_inplace_cpu(h, positions, R, W, b, save_rows):
     # op never returns uninitialised memory (opcheck's AOT check would catch it).
     saved = h.new_empty((B, P, d) if save_rows else (0,))
     saved_rows = _rows(saved) if save_rows else (0, 0, 0)
+    coef = _coef_buffer(h, positions, R, save_rows)
     _raise_if("loreft_", _native.lib().forward_cpu(*_problem(h, positions, R, W, b),
-                                                   *_rows(h), *saved_rows))
+                                                   *_rows(h), *saved_rows,
+                                                   coef.data_ptr() if save_rows else 0))
     _bump_version(h)
-    return saved
+    return saved, coef
 
 
-def _bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b):
+def _coef_ptr(coef, grad, positions, R) -> int:
+    """Data pointer of a coef the CPU backward may read, or 0 (None or empty: recompute)."""
+    if coef is None or coef.numel() == 0:
+        return 0
+    want = (grad.shape[0], positions.shape[1], R.shape[0])
+    if tuple(coef.shape) != want or coef.dtype != acc_dtype(grad.dtype) or \
+            not coef.is_contiguous() or coef.device != grad.device:
+        raise ValueError(f"reft_ext.loreft_bwd: coef must be a contiguous {want} tensor of "
+                         f"{acc_dtype(grad.dtype)} on {grad.device} (loreft_fwd_'s), got "
+                         f"{tuple(coef.shape)} {coef.dtype} on {coef.device}")
+    return coef.data_ptr()
+
+
+def _bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef=None):
     """Overwrites grad_h's selected rows (holding g) with dx; returns dR, dW, db."""
+    coef_ptr = _coef_ptr(coef, grad_h, positions, R)
     Rc, Wc, bc = _contig_params(R, W, b)
     x = _inner_contiguous(x)
     dR, dW, db = _param_grad_buffers(R, x)
     _native.lib().backward_cpu(*_problem(grad_h, positions, Rc, Wc, bc), *_rows(grad_h),
-                               *_rows(x), x_gathered, dR.data_ptr(), dW.data_ptr(),
-                               db.data_ptr())
+                               *_rows(x), x_gathered, coef_ptr, dR.data_ptr(),
+                               dW.data_ptr(), db.data_ptr())
     return dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
 
 
 @torch.library.impl("reft_ext::loreft_bwd", "cpu")
-def _bwd_cpu(grad, positions, x, x_gathered, R, W, b):
+def _bwd_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
     grad_h = grad.to(x.dtype).clone(memory_format=torch.contiguous_format)
-    return grad_h, *_bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b)
+    return grad_h, *_bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef)
 
 
 @torch.library.impl("reft_ext::loreft_bwd_", "cpu")
-def _bwd_inplace_cpu(grad, positions, x, x_gathered, R, W, b):
+def _bwd_inplace_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
     _check_inplace_grad(grad, x)
-    out = _bwd_cpu_into(grad, positions, x, x_gathered, R, W, b)
+    out = _bwd_cpu_into(grad, positions, x, x_gathered, R, W, b, coef)
     _bump_version(grad)
     return out
 
@@ -235,7 +262,7 @@ def _fwd_inplace_cuda(h, positions, R, W, b, save_rows):
         lib.forward_cuda(*_problem(h, positions, R, W, b, stream), *_rows(h), *saved_rows,
                          skip.data_ptr() if skip is not None else 0)
     _bump_version(h)
-    return saved
+    return saved, _coef_buffer(h, positions, R, save_rows)  # empty: not saved on CUDA
 
 
 def _bwd_cuda_into(g, grad_h, positions, x, x_gathered, R, W, b):
@@ -258,7 +285,7 @@ def _bwd_cuda_into(g, grad_h, positions, x, x_gathered, R, W, b):
 
 
 @torch.library.impl("reft_ext::loreft_bwd", "cuda")
-def _bwd_cuda(grad, positions, x, x_gathered, R, W, b):
+def _bwd_cuda(grad, positions, x, x_gathered, R, W, b, coef=None):  # recomputes z
     # grad_h is a full copy of g: its unselected rows are the gradient of h there.
     g = _inner_contiguous(grad.to(x.dtype))
     grad_h = g.clone(memory_format=torch.contiguous_format)
@@ -266,7 +293,7 @@ def _bwd_cuda(grad, positions, x, x_gathered, R, W, b):
 
 
 @torch.library.impl("reft_ext::loreft_bwd_", "cuda")
-def _bwd_inplace_cuda(grad, positions, x, x_gathered, R, W, b):
+def _bwd_inplace_cuda(grad, positions, x, x_gathered, R, W, b, coef=None):
     # The kernels need g in a second buffer (see _bwd_cuda_into), so on CUDA the in-place
     # form still copies; functional.py avoids it with the compact backward instead.
     _check_inplace_grad(grad, x)

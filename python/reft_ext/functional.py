@@ -128,20 +128,21 @@ def _may_write_grad(ctx, grad) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def _backward(ctx, grad, owned, positions, x, x_gathered, R, W, b):
+def _backward(ctx, grad, owned, positions, x, x_gathered, R, W, b, coef=None):
     """(grad_h or None, dR, dW, db) for a backward whose forward input rows are x; owned:
-    dx may be written into grad (_owned)."""
+    dx may be written into grad (_owned); coef: the forward's z of those rows, or None."""
     need_h = ctx.needs_input_grad[0]
     if owned:
-        dR, dW, db = _ops_ns.loreft_bwd_(grad, positions, x, x_gathered, R, W, b)
+        dR, dW, db = _ops_ns.loreft_bwd_(grad, positions, x, x_gathered, R, W, b, coef)
         grad_h = grad
     elif not need_h and 2 * positions.shape[1] <= grad.shape[1]:
-        # Only the parameters' gradients: the selected rows suffice.
+        # Only the parameters' gradients: the selected rows suffice (coef is per slot, so
+        # it stays valid for the compacted (B, P) problem).
         g_c, pos_c, x_c = _compact(grad, positions, x, x_gathered)
-        _, dR, dW, db = _ops_ns.loreft_bwd(g_c, pos_c, x_c, True, R, W, b)
+        _, dR, dW, db = _ops_ns.loreft_bwd(g_c, pos_c, x_c, True, R, W, b, coef)
         grad_h = None
     else:
-        grad_h, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, x, x_gathered, R, W, b)
+        grad_h, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, x, x_gathered, R, W, b, coef)
     need = ctx.needs_input_grad
     return (grad_h if need_h else None, None, dR if need[2] else None,
             dW if need[3] else None, db if need[4] else None)
@@ -169,23 +170,24 @@ class LoReFTFunction(torch.autograd.Function):
 
 
 class LoReFTInplaceFunction(torch.autograd.Function):
-    """Autograd for reft_ext::loreft_fwd_: saves only the (B, P, d) rows it overwrote."""
+    """Autograd for reft_ext::loreft_fwd_: saves only the (B, P, d) rows it overwrote, and
+    on the CPU their (B, P, r) coefficients z, which the backward then need not recompute."""
 
     @staticmethod
     def forward(ctx, h, positions, R, W, b):
-        saved = _ops_ns.loreft_fwd_(h, positions, R, W, b, True)
+        saved, coef = _ops_ns.loreft_fwd_(h, positions, R, W, b, True)
         ctx.mark_dirty(h)
-        ctx.save_for_backward(saved, positions, R, W, b)
+        ctx.save_for_backward(saved, coef, positions, R, W, b)
         return h
 
     @staticmethod
     def backward(ctx, grad):
-        saved, positions, R, W, b = ctx.saved_tensors
+        saved, coef, positions, R, W, b = ctx.saved_tensors
         owned = False
         if _may_write_grad(ctx, grad):
             probe = object()
             owned = _owned("loreft_", grad, probe, saved)
-        return _backward(ctx, grad, owned, positions, saved, True, R, W, b)
+        return _backward(ctx, grad, owned, positions, saved, True, R, W, b, coef)
 
 
 def loreft(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.Tensor,
