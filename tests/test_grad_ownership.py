@@ -169,3 +169,37 @@ def test_calibration_ignores_the_users_default_dtype(monkeypatch):
     finally:
         torch.set_default_dtype(prev)
     assert set(functional._REFS_OWNED) == {"loreft", "loreft_"}
+
+
+def test_plain_eager_cpu_calls_skip_the_dispatcher(monkeypatch):
+    """loreft_'s in-place ops on plain CPU tensors go straight to their CPU kernels; under a
+    dispatch mode, which must see every op, they go through the dispatcher. Same values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dispatched = []
+    monkeypatch.setattr(functional, "_dispatcher", _Spy(dispatched))
+    h, pos, R, W, b, w = make_inputs(seed_of("direct"), 2, 9, 6, 2, 3, torch.float64)
+
+    def step():
+        leaf = h.clone().requires_grad_()
+        params = [t.clone().requires_grad_() for t in (R, W, b)]
+        y = reft_ext.loreft_(leaf.clone(), pos, *params)
+        (y * w).sum().backward()
+        return y.detach(), leaf.grad, *(p.grad for p in params)
+
+    direct = step()
+    assert dispatched == []
+    with Seen() as mode:
+        via = step()
+    assert "loreft_fwd_" in dispatched and "reft_ext.loreft_fwd_.default" in mode.ops
+    for name, a, e in zip(("out", "dh", "dR", "dW", "db"), direct, via):
+        assert_bitwise_equal(a, e, name)

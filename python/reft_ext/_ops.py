@@ -157,8 +157,8 @@ def _fwd_cpu(h, positions, R, W, b):
     return out
 
 
-@torch.library.impl("reft_ext::loreft_fwd_", "cpu")
-def _fwd_inplace_cpu(h, positions, R, W, b, save_rows):
+def fwd_inplace_cpu(h, positions, R, W, b, save_rows):
+    """CPU kernel of reft_ext::loreft_fwd_ (functional.py also calls it directly)."""
     check_inplace_layout(h)
     R, W, b = _contig_params(R, W, b)
     B, T, d = h.shape
@@ -173,6 +173,9 @@ def _fwd_inplace_cpu(h, positions, R, W, b, save_rows):
                                                    coef.data_ptr() if save_rows else 0))
     _bump_version(h)
     return saved, coef
+
+
+torch.library.impl("reft_ext::loreft_fwd_", "cpu")(fwd_inplace_cpu)
 
 
 def _coef_ptr(coef, grad, positions, R) -> int:
@@ -206,12 +209,15 @@ def _bwd_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
     return grad_h, *_bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef)
 
 
-@torch.library.impl("reft_ext::loreft_bwd_", "cpu")
-def _bwd_inplace_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
+def bwd_inplace_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
+    """CPU kernel of reft_ext::loreft_bwd_ (functional.py also calls it directly)."""
     _check_inplace_grad(grad, x)
     out = _bwd_cpu_into(grad, positions, x, x_gathered, R, W, b, coef)
     _bump_version(grad)
     return out
+
+
+torch.library.impl("reft_ext::loreft_bwd_", "cpu")(bwd_inplace_cpu)
 
 
 # ---------------------------------------------------------------------------------------
