@@ -260,7 +260,7 @@ def loreft_(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.
 
     Same arguments and result values as :func:`loreft`. h must have unit stride along d.
     Its cost scales with the B*P edited rows, not with B*T*d: for the backward it saves a
-    (B, P, d) copy of the rows it overwrote. Autograd marks h dirty and bumps its version,
+    (B, P, d) copy of the rows it overwrote (and on the CPU their (B, P, r) coefficients). Autograd marks h dirty and bumps its version,
     so a backward through a tensor this edit clobbered raises instead of miscomputing.
     """
     check_inputs("loreft_", h, positions, R, W, b)
