@@ -82,31 +82,6 @@ def test_opcheck_loreft_bwd(device, sample):
                                      False, R.T.contiguous().T, W.T.contiguous().T, b))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sample", list(SAMPLES))
-def test_opcheck_loreft_bwd_inplace(device, sample):
-    """The gradient-mutating backward. As for loreft_fwd_, the AOT dispatch check runs the
-    op twice on the same grad, so: all other checks on a real edit, and the full opcheck on
-    one that leaves grad bitwise unchanged (W = R gives dx = g + dz (W - R) = g)."""
-    h, pos, R, W, b, g = _sample(sample, device)
-    g = g.contiguous()
-    opcheck(ops.loreft_bwd_.default, (g.clone(), pos, h, False, R, W, b),
-            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    opcheck(ops.loreft_bwd_.default, (g.clone(), pos, h, False, R, R.to(W.dtype), b))
-    saved = torch.randn(h.shape[0], pos.shape[1], h.shape[2]).to(h)
-    opcheck(ops.loreft_bwd_.default, (g.clone(), pos, saved, True, R, R.to(W.dtype), b))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_loreft_bwd_inplace_rejects_overlapping_grad(device):
-    h, pos, R, W, b, g = _sample("f32_int64", device)
-    expanded = g[:, :1].expand_as(g)
-    before = expanded.clone()
-    with pytest.raises(ValueError, match="grad must be contiguous"):
-        ops.loreft_bwd_(expanded, pos, h, False, R, W, b)
-    assert_bitwise_equal(expanded, before, "grad after a refused call")
-
-
 def _model(op):
     def f(h, pos, R, W, b):
         x = h * 1.5 + 0.25  # a non-leaf, so loreft_ may edit it in place

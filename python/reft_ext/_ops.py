@@ -12,9 +12,6 @@ Three ops, all operating on rows h[i, positions[i, j]] of a (B, T, d) tensor:
         x is the forward input: h itself (x_gathered=False) or the saved rows (True);
         coef: loreft_fwd_'s for these x and parameters, or None; the CPU kernels then
         skip computing z again (one of the backward's five passes over a row)
-  reft_ext::loreft_bwd_(grad!, positions, x, x_gathered, R, W, b, coef=None) -> (dR, dW, db)
-        the same, writing dx into grad's selected rows in place (grad must be contiguous;
-        functional.py uses it only for a gradient that autograd hands to nobody else)
 
 Ops are defined with torch.library.define/impl/register_fake rather than custom_op: the
 dispatcher overhead is ~3x lower per call, and autograd lives outside the ops
@@ -42,10 +39,6 @@ torch.library.define(
     "reft_ext::loreft_bwd",
     "(Tensor grad, Tensor positions, Tensor x, bool x_gathered, Tensor R, Tensor W, Tensor b,"
     " Tensor? coef=None) -> (Tensor, Tensor, Tensor, Tensor)")
-torch.library.define(
-    "reft_ext::loreft_bwd_",
-    "(Tensor(a!) grad, Tensor positions, Tensor x, bool x_gathered, Tensor R, Tensor W, "
-    "Tensor b, Tensor? coef=None) -> (Tensor, Tensor, Tensor)")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,12 +78,6 @@ def _bwd_fake(grad, positions, x, x_gathered, R, W, b, coef=None):
             torch.empty_like(b, memory_format=contig))
 
 
-@torch.library.register_fake("reft_ext::loreft_bwd_")
-def _bwd_inplace_fake(grad, positions, x, x_gathered, R, W, b, coef=None):
-    _check_inplace_grad(grad, x)
-    return _bwd_fake(grad, positions, x, x_gathered, R, W, b)[1:]
-
-
 # ---------------------------------------------------------------------------------------
 # Argument marshalling for the native module.
 
@@ -123,13 +110,6 @@ def _param_grad_buffers(R, x):
     return (torch.empty((r, d), dtype=acc, device=x.device),
             torch.empty((r, d), dtype=acc, device=x.device),
             torch.empty((r,), dtype=acc, device=x.device))
-
-
-def _check_inplace_grad(grad, x) -> None:
-    # Rows of an overlapping (e.g. expanded) gradient would be written more than once.
-    if grad.dtype != x.dtype or not grad.is_contiguous():
-        raise ValueError("reft_ext.loreft_bwd_: grad must be contiguous and of x's dtype "
-                         f"{x.dtype}, got {grad.dtype} with strides {grad.stride()}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,17 +189,6 @@ def _bwd_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
     return grad_h, *_bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef)
 
 
-def bwd_inplace_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
-    """CPU kernel of reft_ext::loreft_bwd_ (functional.py also calls it directly)."""
-    _check_inplace_grad(grad, x)
-    out = _bwd_cpu_into(grad, positions, x, x_gathered, R, W, b, coef)
-    _bump_version(grad)
-    return out
-
-
-torch.library.impl("reft_ext::loreft_bwd_", "cpu")(bwd_inplace_cpu)
-
-
 # ---------------------------------------------------------------------------------------
 # CUDA kernels (csrc/cuda). Launched on the caller's current stream.
 
@@ -296,16 +265,6 @@ def _bwd_cuda(grad, positions, x, x_gathered, R, W, b, coef=None):  # recomputes
     g = _inner_contiguous(grad.to(x.dtype))
     grad_h = g.clone(memory_format=torch.contiguous_format)
     return grad_h, *_bwd_cuda_into(g, grad_h, positions, x, x_gathered, R, W, b)
-
-
-@torch.library.impl("reft_ext::loreft_bwd_", "cuda")
-def _bwd_inplace_cuda(grad, positions, x, x_gathered, R, W, b, coef=None):
-    # The kernels need g in a second buffer (see _bwd_cuda_into), so on CUDA the in-place
-    # form still copies; functional.py avoids it with the compact backward instead.
-    _check_inplace_grad(grad, x)
-    out = _bwd_cuda_into(grad.clone(), grad, positions, x, x_gathered, R, W, b)
-    _bump_version(grad)
-    return out
 
 
 # The positions tensor last found valid: (weak reference, its version counter, T). patch()

@@ -1,29 +1,39 @@
 """Public LoReFT ops with autograd: `loreft` (out of place) and `loreft_` (in place)."""
 from __future__ import annotations
 
-import sys
-import threading
+import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _ops  # registers torch.ops.reft_ext.*
 from ._checks import check_inputs
+from ._ops import acc_dtype
+from .reference import loreft_backward_reference
 
 _dispatcher = torch.ops.reft_ext
 
 
-def _plain_eager_cpu(t: torch.Tensor) -> bool:
-    """A plain CPU tensor, used eagerly: not traced, no torch function / dispatch mode, no
+def _no_modes() -> bool:
+    return torch._C._len_torch_dispatch_stack() == 0 and \
+        torch._C._len_torch_function_stack() == 0
+
+
+def _plain_eager(t: torch.Tensor) -> bool:
+    """A plain tensor, used eagerly: not traced, no torch function / dispatch mode, no
     functorch transform, not a tensor subclass."""
     # is_compiling first: under torch.compile it short-circuits the calls dynamo cannot trace.
-    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor
-            and t.device.type == "cpu" and _no_modes()
+    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor and _no_modes()
             and not torch._C._are_functorch_transforms_active())
 
 
+def _plain_eager_cpu(t: torch.Tensor) -> bool:
+    return _plain_eager(t) and t.device.type == "cpu"
+
+
 class _Ops:
-    """The ops as this file calls them: torch.ops.reft_ext, except that the in-place ops of
-    loreft_'s training step, on plain eager CPU tensors, go straight to their CPU kernels.
+    """The ops as this file calls them: torch.ops.reft_ext, except that loreft_'s in-place
+    forward, on plain eager CPU tensors, goes straight to its CPU kernel.
     For those tensors the dispatcher's round trip to a Python kernel does nothing more, and
     costs ~0.05 ms a call once a step's (B, T, d) tensors have evicted the caches: ~5% of
     an f7+l7 step in bench_op."""
@@ -37,154 +47,126 @@ class _Ops:
             return _ops.fwd_inplace_cpu(h, *args)
         return _dispatcher.loreft_fwd_(h, *args)
 
-    @staticmethod
-    def loreft_bwd_(grad, *args):
-        if _plain_eager_cpu(grad):
-            return _ops.bwd_inplace_cpu(grad, *args)
-        return _dispatcher.loreft_bwd_(grad, *args)
-
 
 _ops_ns = _Ops()
 
 
-def _needs_grad(h, R, W, b) -> bool:
-    return torch.is_grad_enabled() and (
-        h.requires_grad or R.requires_grad or W.requires_grad or b.requires_grad)
+def _needs_autograd(h, R, W, b) -> bool:
+    """Whether the call must go through an autograd.Function: a backward may follow, or
+    forward-mode AD is active (a dual level, or a torch.func transform). The bare ops have
+    no autograd formula and would pass h's tangent through unchanged."""
+    return (torch.is_grad_enabled() and (
+        h.requires_grad or R.requires_grad or W.requires_grad or b.requires_grad)) or \
+        _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 # ---------------------------------------------------------------------------------------
-# Gradient ownership. The gradient of h equals the incoming gradient g except at the B*P
-# edited rows, so copying g (B*T*d elements) dominates the backward at few positions. When
-# autograd hands g to this backward and to nobody else, dx is written into g in place and
-# g is returned: that is AccumulateGrad's own "steal" rule (torch/csrc/autograd/functions/
-# accumulate_grad.h), with the reference counts seen from Python. Anything else that holds
-# g (another consumer not yet run, a hook that stashed it, the caller of backward(g), a
-# retained .grad, a view of its storage) raises one of the counts, and g is then copied.
-# The Python count depends on the interpreter and on this file's call path, so the counts
-# of an owned gradient are measured once through these very backward functions
-# (_calibrate); if an extra holder would not show in them, nothing is ever written in place.
-# Torch function / dispatch modes (debug and flop-counting tools) may hold tensors of their
-# own, so with one active nothing is calibrated or written in place either.
+# The gradient of h. It equals the incoming gradient g except at the B*P edited rows, so a
+# backward that returned it densely would copy g (B*T*d elements) to change a few rows:
+# the dominant cost at f7+l7. Writing dx into g itself would avoid the copy, but only
+# autograd knows whether anyone else (a hook, the caller of backward(g), another consumer)
+# holds g. So the Functions take h twice and return, for the first h, the row correction
+# dx - g as a sparse (B, T, d) tensor and, for the second, g itself, untouched. Autograd
+# sums the two into h's gradient with its own rule (torch/csrc/autograd/input_buffer.cpp,
+# the same as AccumulateGrad's): it adds the sparse rows into g in place when it holds the
+# last reference to g, and allocates g + rows otherwise. Correct whatever torch decides;
+# only the speed depends on it. In 16-bit dtypes the edited rows are rounded twice (the
+# correction, then the sum), within the tolerance rule of the tests.
+#
+# The sparse form is used where it pays and is safe: eager plain tensors (a traced graph
+# gets a dense gradient and its compiler decides about buffers), not under create_graph
+# (the differentiable backward below), and few edited rows (2 P <= T). Otherwise h's
+# gradient is a dense copy of g with dx at the edited rows. REFT_EXT_SPARSE_GRAD=0 in the
+# environment, or setting SPARSE_GRAD = False here, turns the sparse form off.
 
-_REFS_OWNED: dict = {}      # Function name -> refs of an owned gradient; {} = uncalibrated
-_calibration_lock = threading.Lock()
-# Set while _calibrate runs: CPU backwards run on the calling thread, so another thread's
-# backward never records here.
-_tls = threading.local()
-
-
-def _refs(grad, probe):
-    # probe went through the same frames as grad, so subtracting its count cancels the
-    # frames' references, which vary: an eval-frame hook (left by torch.compile) adds some.
-    return (sys.getrefcount(grad) - sys.getrefcount(probe), grad._use_count(),
-            torch._C._storage_Use_Count(grad.untyped_storage()._cdata))
-
-
-def _no_modes() -> bool:
-    return torch._C._len_torch_dispatch_stack() == 0 and \
-        torch._C._len_torch_function_stack() == 0
-
-
-def _owned(name: str, grad: torch.Tensor, probe: object, x: torch.Tensor) -> bool:
-    """True when dx may be written into grad itself (see above). probe: an object held
-    like grad (a local of the calling backward, then arguments) and by nothing else."""
-    if not _no_modes():
-        return False
-    refs = _refs(grad, probe)
-    record = getattr(_tls, "calibration", None)
-    if record is not None:
-        record.append(refs)
-        return False
-    owned = _REFS_OWNED.get(name)
-    return (owned is not None and refs == owned and grad._base is None
-            and type(grad) is torch.Tensor and not grad.requires_grad
-            and not torch.is_grad_enabled() and grad.dtype == x.dtype
-            and grad.is_contiguous())
-
-
-def _calibrate() -> None:
-    """Measures the refs of an owned gradient in each backward, and checks that a stashed
-    gradient and a caller's gradient read differently; leaves _REFS_OWNED empty (never
-    write in place) if not. Runs once, eagerly, on a tiny CPU input (~1 ms)."""
-    if _REFS_OWNED or torch.compiler.is_compiling() or not _no_modes():
-        return
-    with _calibration_lock, torch.enable_grad():
-        if _REFS_OWNED:
-            return
-        result = {}
-        try:
-            for name, fn in (("loreft", LoReFTFunction.apply),
-                             ("loreft_", LoReFTInplaceFunction.apply)):
-                seen = [_calibration_case(fn, case) for case in ("owned", "stashed", "caller")]
-                if seen[0] not in seen[1:] and seen[0][1] == 1:
-                    result[name] = seen[0]
-        except Exception:  # noqa: BLE001  (never fail a user's call over an optimisation)
-            result = {}
-        _REFS_OWNED.update(result or {"": None})
-
-
-def _calibration_case(fn, case):
-    kw = dict(dtype=torch.float32, device="cpu")  # whatever the user's defaults are
-    params = [torch.ones(1, 1, requires_grad=True, **kw), torch.ones(1, 1, **kw),
-              torch.ones(1, **kw)]
-    h = torch.ones(1, 2, 1, requires_grad=True, **kw)
-    out = fn(h.clone(), torch.zeros(1, 1, dtype=torch.long, device="cpu"), *params)
-    stash = []
-    if case == "stashed":
-        out.register_hook(stash.append)
-    _tls.calibration = []
-    try:
-        if case == "caller":
-            out.backward(torch.ones_like(out))
-        else:
-            (out * 2.0).sum().backward()
-        return _tls.calibration[0]
-    finally:
-        _tls.calibration = None
+SPARSE_GRAD = os.environ.get("REFT_EXT_SPARSE_GRAD", "1") != "0"
 
 
 def _compact(grad, positions, x, x_gathered):
     """The selected rows as a (B, P, d) problem: (g rows, positions' = slot index or -1,
-    x rows), so the kernels run without a copy of the whole gradient."""
+    x rows), so the kernels run without a copy of the whole gradient. Empty slots gather
+    row 0 and stay empty (-1) in positions'."""
     B, P = positions.shape
     rows = torch.arange(B, device=grad.device)[:, None]
     idx = positions.clamp(min=0)
     slots = torch.arange(P, device=positions.device, dtype=positions.dtype).expand(B, P)
     pos_c = torch.where(positions >= 0, slots, -1)
     g_c = grad[rows, idx].to(x.dtype)
-    return g_c, pos_c, (x if x_gathered else x[rows, idx])
+    return g_c, pos_c, (x if x_gathered else x[rows, idx]), idx
 
 
-def _may_write_grad(ctx, grad) -> bool:
-    """Whether a backward should ask _owned at all: h needs a gradient, the CPU kernels
-    can write dx in place (on CUDA the backward needs g in a second buffer), and no graph
-    is being traced (a traced graph has no per-call reference counts)."""
-    return (ctx.needs_input_grad[0] and grad.device.type == "cpu"
-            and not torch.compiler.is_compiling())
+def _row_correction(grad, idx, corr):
+    """(B, T, d) sparse COO tensor holding corr (B, P, d) at rows (i, idx[i, j]). Empty
+    slots point at row 0 with a zero correction: duplicates add, so they change nothing."""
+    B, P = idx.shape
+    bi = torch.arange(B, device=idx.device).repeat_interleave(P)
+    indices = torch.stack((bi, idx.reshape(-1).to(bi.dtype)))
+    return torch.sparse_coo_tensor(indices, corr.reshape(B * P, grad.shape[-1]), grad.shape,
+                                   dtype=grad.dtype, device=grad.device,
+                                   check_invariants=False)
 
 
-def _backward(ctx, grad, owned, positions, x, x_gathered, R, W, b, coef=None):
-    """(grad_h or None, dR, dW, db) for a backward whose forward input rows are x; owned:
-    dx may be written into grad (_owned); coef: the forward's z of those rows, or None."""
-    need_h = ctx.needs_input_grad[0]
-    if owned:
-        dR, dW, db = _ops_ns.loreft_bwd_(grad, positions, x, x_gathered, R, W, b, coef)
-        grad_h = grad
-    elif not need_h and 2 * positions.shape[1] <= grad.shape[1]:
-        # Only the parameters' gradients: the selected rows suffice (coef is per slot, so
-        # it stays valid for the compacted (B, P) problem).
-        g_c, pos_c, x_c = _compact(grad, positions, x, x_gathered)
-        _, dR, dW, db = _ops_ns.loreft_bwd(g_c, pos_c, x_c, True, R, W, b, coef)
-        grad_h = None
-    else:
-        grad_h, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, x, x_gathered, R, W, b, coef)
+def _backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=None, sparse_ok=True):
+    """Gradients for the Function's inputs, (h, positions, R, W, b) or (h, h again,
+    positions, R, W, b) (the eager Functions: see above), of a forward whose input rows are
+    x (h itself, or the saved (B, P, d) rows when x_gathered); coef: the forward's z of
+    those rows, or None."""
     need = ctx.needs_input_grad
-    return (grad_h if need_h else None, None, dR if need[2] else None,
-            dW if need[3] else None, db if need[4] else None)
+    two_h = len(need) == 6
+    need_h = need[0] or (two_h and need[1])
+    need_params = need[-3:]
+    if torch.is_grad_enabled():
+        # create_graph=True: a backward of differentiable ops, so that double backward
+        # (Hessian-vector products, gradient penalties) is exact.
+        dense, dR, dW, db = loreft_backward_reference(grad, positions, x, x_gathered, R, W, b)
+        sparse = None
+    elif 2 * positions.shape[1] <= grad.shape[1] and (
+            not need_h or (two_h and sparse_ok and SPARSE_GRAD and _plain_eager(grad)
+                           and grad.layout == torch.strided)):
+        g_c, pos_c, x_c, idx = _compact(grad, positions, x, x_gathered)
+        dx_c, dR, dW, db = _ops_ns.loreft_bwd(g_c, pos_c, x_c, True, R, W, b, coef)
+        dense = sparse = None
+        if need_h:
+            # Empty slots: no correction (their g_c may hold inf, and inf - inf is NaN).
+            corr = dx_c.sub_(g_c).masked_fill_((positions < 0).unsqueeze(-1), 0)
+            sparse = _row_correction(grad, idx, corr)
+            dense = grad
+    else:
+        dense, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, x, x_gathered, R, W, b, coef)
+        sparse = None
+    if not need_h:
+        grads_h = (None, None)
+    elif sparse is None:
+        grads_h = (dense, None)
+    else:
+        grads_h = (sparse, dense)   # sparse first: see above
+    params = tuple(g if n else None for g, n in zip((dR, dW, db), need_params))
+    return (*grads_h[:1 + two_h], None, *params)
+
+
+def _jvp_rows(h_t, positions, x, x_gathered, R, W, b, R_t, W_t, b_t):
+    """Tangent of the edited rows, (bi, t, rows in h's dtype), of y = x + z R with
+    z = x (W - R)^T + b:  dy = dx + dz R + z dR,  dz = dx (W - R)^T + x (dW - dR)^T + db.
+    A missing tangent (None) is zero."""
+    acc = acc_dtype(x.dtype)
+    bi, pj = (positions >= 0).nonzero(as_tuple=True)
+    t = positions[bi, pj].long()
+    xr = (x[bi, pj] if x_gathered else x[bi, t]).to(acc)
+    Ra, Ma, ba = R.to(acc), W.to(acc) - R.to(acc), b.to(acc)
+
+    def tangent(v, like):
+        return torch.zeros_like(like) if v is None else v.to(acc)
+
+    dx = tangent(None if h_t is None else h_t[bi, t], xr)
+    dR = tangent(R_t, Ra)
+    dz = dx @ Ma.T + xr @ (tangent(W_t, Ra) - dR).T + tangent(b_t, ba)
+    dy = dx + dz @ Ra + (xr @ Ma.T + ba) @ dR
+    return bi, t, dy.to(x.dtype)
 
 
 class LoReFTFunction(torch.autograd.Function):
-    """Autograd for reft_ext::loreft_fwd; the backward reads x from h itself (no copy)."""
+    """Autograd for reft_ext::loreft_fwd, inputs (h, positions, R, W, b), as traced by
+    torch.compile; the backward reads x from h itself (no copy)."""
 
     @staticmethod
     def forward(h, positions, R, W, b):
@@ -192,37 +174,103 @@ class LoReFTFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(inputs[0], *inputs[-4:])
+        ctx.save_for_forward(inputs[0], *inputs[-4:])
 
     @staticmethod
     def backward(ctx, grad):
         h, positions, R, W, b = ctx.saved_tensors
-        owned = False
-        if _may_write_grad(ctx, grad):
-            probe = object()
-            owned = _owned("loreft", grad, probe, h)
-        return _backward(ctx, grad, owned, positions, h, False, R, W, b)
+        return _backward(ctx, grad, positions, h, False, R, W, b)
 
 
 class LoReFTInplaceFunction(torch.autograd.Function):
-    """Autograd for reft_ext::loreft_fwd_: saves only the (B, P, d) rows it overwrote, and
-    on the CPU their (B, P, r) coefficients z, which the backward then need not recompute."""
+    """Autograd for reft_ext::loreft_fwd_, inputs (h, positions, R, W, b), as traced by
+    torch.compile: saves only the (B, P, d) rows it overwrote, and on the CPU their (B, P, r)
+    coefficients z, which the backward then need not recompute. Double backward is refused:
+    the saved rows carry no autograd history. (The forward takes ctx: an in-place Function
+    on a view may return only one tensor, so saved and coef cannot be outputs for a
+    setup_context.)"""
 
     @staticmethod
-    def forward(ctx, h, positions, R, W, b):
+    def forward(ctx, h, *args):
+        positions, R, W, b = args[-4:]
         saved, coef = _ops_ns.loreft_fwd_(h, positions, R, W, b, True)
         ctx.mark_dirty(h)
         ctx.save_for_backward(saved, coef, positions, R, W, b)
+        ctx.save_for_forward(saved, positions, R, W, b)
+        ctx.h_shape = h.shape
+        # An in-place edit of a view is wrapped by autograd's CopySlices, which copies the
+        # first gradient into a dense slice: it must be dense.
+        ctx.dense_grad = h._base is not None
         return h
 
     @staticmethod
     def backward(ctx, grad):
         saved, coef, positions, R, W, b = ctx.saved_tensors
-        owned = False
-        if _may_write_grad(ctx, grad):
-            probe = object()
-            owned = _owned("loreft_", grad, probe, saved)
-        return _backward(ctx, grad, owned, positions, saved, True, R, W, b, coef)
+        if torch.is_grad_enabled():
+            # create_graph=True: the first-order gradients are right, but they do not
+            # depend on h through the saved rows, so a second backward would be wrong.
+            with torch.no_grad():
+                grads = _backward(ctx, grad, positions, saved, True, R, W, b, coef,
+                                  sparse_ok=False)
+            if any(t.requires_grad for t in (grad, R, W, b)):
+                return _refuse_double_backward(grads)
+            return grads
+        return _backward(ctx, grad, positions, saved, True, R, W, b, coef,
+                         sparse_ok=not ctx.dense_grad)
+
+
+# The eager Functions: h twice (the sparse gradient of h, see above; dynamo refuses one
+# tensor passed twice) and a jvp for forward-mode AD (torch.autograd.forward_ad,
+# torch.func.jvp; dynamo cannot trace a Function that defines jvp either).
+
+class LoReFTEagerFunction(LoReFTFunction):
+    """reft_ext.loreft's eager Function: inputs (h, h, positions, R, W, b)."""
+
+    @staticmethod
+    def forward(h, h_again, positions, R, W, b):
+        return _ops_ns.loreft_fwd(h, positions, R, W, b)
+
+    @staticmethod
+    def jvp(ctx, h_t, h_t_again, positions_t, R_t, W_t, b_t):
+        h, positions, R, W, b = ctx.saved_tensors
+        bi, t, rows = _jvp_rows(h_t, positions, h, False, R, W, b, R_t, W_t, b_t)
+        out_t = (h_t.clone(memory_format=torch.contiguous_format) if h_t is not None
+                 else torch.zeros_like(h, memory_format=torch.contiguous_format))
+        out_t[bi, t] = rows
+        return out_t
+
+
+class LoReFTInplaceEagerFunction(LoReFTInplaceFunction):
+    """reft_ext.loreft_'s eager Function: inputs (h, h, positions, R, W, b)."""
+
+    @staticmethod
+    def jvp(ctx, h_t, h_t_again, positions_t, R_t, W_t, b_t):
+        saved, positions, R, W, b = ctx.saved_tensors
+        bi, t, rows = _jvp_rows(h_t, positions, saved, True, R, W, b, R_t, W_t, b_t)
+        if h_t is None:   # h gets a tangent: zero except at the edited rows
+            h_t = saved.new_zeros(ctx.h_shape)
+        h_t[bi, t] = rows
+        return h_t
+
+
+_DOUBLE_BACKWARD = ("reft_ext.loreft_: double backward (differentiating its gradients, "
+                    "e.g. torch.autograd.grad(..., create_graph=True) then backward) is not "
+                    "supported by the in-place form; use reft_ext.loreft, which supports it")
+
+
+def _refuse_double_backward(grads):
+    """grads as tensors that raise if a second backward reaches them (what
+    torch.autograd.function.once_differentiable does, with a message naming the op)."""
+    keep = [i for i, g in enumerate(grads) if g is not None]
+    aliases = [grads[i].detach().requires_grad_() for i in keep]
+    errs = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(aliases))(*aliases)
+    if isinstance(errs, torch.Tensor):
+        errs = (errs,)
+    out = list(grads)
+    for i, g in zip(keep, errs):
+        out[i] = g
+    return tuple(out)
 
 
 def loreft(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.Tensor,
@@ -241,17 +289,23 @@ def loreft(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.T
         x + (x W^T + b - x R^T) R, accumulated in float32 (float64 for float64 h); every
         other row is bitwise equal to h. Differentiable with respect to h, R, W and b.
 
+    Autograd: backward (h's gradient is the incoming gradient with the edited rows
+    corrected, in place when autograd alone holds it: see the note in this file), double
+    backward (create_graph=True; the backward then runs as differentiable PyTorch ops),
+    forward mode (torch.autograd.forward_ad dual tensors, torch.func.jvp / grad), and
+    torch.compile (fullgraph) all give the reference's gradients.
+
     Raises:
         ValueError / TypeError naming the argument on bad shapes, dtypes, devices,
         out-of-range or repeated positions, or r > d; nothing is written in that case.
     """
     check_inputs("loreft", h, positions, R, W, b)
-    if not _needs_grad(h, R, W, b):
+    if not _needs_autograd(h, R, W, b):
         # Function.apply costs ~30 us per call even when autograd has nothing to record.
         return _ops_ns.loreft_fwd(h, positions, R, W, b)
-    if not _REFS_OWNED:
-        _calibrate()
-    return LoReFTFunction.apply(h, positions, R, W, b)
+    if torch.compiler.is_compiling():
+        return LoReFTFunction.apply(h, positions, R, W, b)
+    return LoReFTEagerFunction.apply(h, h, positions, R, W, b)
 
 
 def loreft_(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.Tensor,
@@ -260,11 +314,14 @@ def loreft_(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.
 
     Same arguments and result values as :func:`loreft`. h must have unit stride along d.
     Its cost scales with the B*P edited rows, not with B*T*d: for the backward it saves a
-    (B, P, d) copy of the rows it overwrote (and on the CPU their (B, P, r) coefficients). Autograd marks h dirty and bumps its version,
-    so a backward through a tensor this edit clobbered raises instead of miscomputing.
+    (B, P, d) copy of the rows it overwrote (and on the CPU their (B, P, r) coefficients).
+    Autograd marks h dirty and bumps its version, so a backward through a tensor this edit
+    clobbered raises instead of miscomputing. Backward and forward-mode dual tensors work as
+    for loreft; double backward and torch.func transforms raise a RuntimeError naming the
+    op (the saved rows carry no autograd history): use loreft for those.
     """
     check_inputs("loreft_", h, positions, R, W, b)
-    if not _needs_grad(h, R, W, b):
+    if not _needs_autograd(h, R, W, b):
         _ops_ns.loreft_fwd_(h, positions, R, W, b, False)
         return h
     if h.requires_grad and (h.is_leaf or (h._base is not None and h._base.is_leaf
@@ -273,6 +330,9 @@ def loreft_(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.
             "reft_ext.loreft_: h is a leaf tensor that requires grad (or a view of one); "
             "autograd cannot record an in-place edit of it. Use reft_ext.loreft, or edit a "
             "non-leaf tensor (e.g. h.clone())")
-    if not _REFS_OWNED:
-        _calibrate()
-    return LoReFTInplaceFunction.apply(h, positions, R, W, b)
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError("reft_ext.loreft_: torch.func transforms (grad, jvp, vmap, ...) "
+                           "are not supported by the in-place form; use reft_ext.loreft")
+    if torch.compiler.is_compiling():
+        return LoReFTInplaceFunction.apply(h, positions, R, W, b)
+    return LoReFTInplaceEagerFunction.apply(h, h, positions, R, W, b)

@@ -39,6 +39,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .interventions import DiReFT, LoReFT
 from .positions import PositionSpec, parse_positions, positions_from_mask
@@ -72,6 +73,7 @@ class _State:
         self.active = None                 # None (no edit) | Tensor | _FROM_SPEC
         self.expand = False                # active came from the prompt of generate()
         self.mask: torch.Tensor | None = None
+        self.on_device: dict = {}          # active positions moved to a layer's device
 
 
 class _Link:
@@ -81,6 +83,77 @@ class _Link:
         self.state = state
         self.intervention = intervention
         self.seq_first = seq_first
+        self.calls = _CallRecord()
+
+
+class _CallRecord:
+    """The positions each forward call of one patched layer used, keyed by the call's input
+    hidden states, so that a gradient checkpoint that re-runs the layer's __call__ during
+    backward (plain torch, transformers < 5.23) edits the rows of *that* forward, not of the
+    latest one (two forwards before one backward: chosen/rejected, micro-batches).
+
+    The key is the input's storage (held weakly: an entry dies with its tensor), offset,
+    shape and strides: the same tensor (non-reentrant checkpoint) or a detached alias of it
+    (reentrant checkpoint) at recompute time. While the storage lives, nothing else can have
+    its address. Two live forwards that fed the layer the very same input with different
+    positions cannot be told apart: a recompute of either raises instead of guessing.
+    Not copied by deepcopy or pickling (a copy has no pending backward of its own)."""
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple] = {}   # key -> (StorageWeakRef, positions | None)
+
+    def __deepcopy__(self, memo):
+        return _CallRecord()
+
+    def __reduce__(self):
+        return (_CallRecord, ())
+
+    @staticmethod
+    def _key(x: torch.Tensor):
+        return (x.untyped_storage()._cdata, x.storage_offset(), tuple(x.shape), x.stride(),
+                x.dtype, x.device)
+
+    def record(self, x: torch.Tensor, pos) -> None:
+        dead = [k for k, (ref, _) in self.entries.items() if ref.expired()]
+        for k in dead:
+            del self.entries[k]
+        key = self._key(x)
+        old = self.entries.get(key)
+        if old is not None and not _same_positions(old[1], pos):
+            pos = _AMBIGUOUS
+        self.entries[key] = (StorageWeakRef(x.untyped_storage()), pos)
+
+    def lookup(self, x: torch.Tensor):
+        """The positions recorded for input x, or _NOT_RECORDED."""
+        entry = self.entries.get(self._key(x))
+        if entry is None or entry[0].expired():
+            return _NOT_RECORDED
+        if entry[1] is _AMBIGUOUS:
+            raise RuntimeError(
+                "reft_ext: a gradient-checkpoint recompute of a patched layer cannot tell "
+                "which forward it repeats: two forwards still awaiting backward fed this "
+                "layer the very same input tensor with different edit positions. Give each "
+                "forward its own input tensor (e.g. inputs_embeds.clone()), or checkpoint "
+                "layer.forward instead of the layer call")
+        return entry[1]
+
+
+_AMBIGUOUS = object()
+_NOT_RECORDED = object()
+
+
+def _same_positions(a, b) -> bool:
+    if a is b:
+        return True
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward on this thread: a layer called now
+    is a gradient checkpoint's recompute."""
+    return torch._C._current_graph_task_id() != -1
 
 
 # ---------------------------------------------------------------- layer discovery
@@ -267,6 +340,7 @@ def _root_pre_hook(model: nn.Module, args, kwargs):
     call.update(kwargs)
     st.mask = None
     st.expand = False
+    st.on_device = {}
     if st.disabled:
         st.active = None
     elif any(_cache_len(call.get(k)) > 0 for k in _CACHE_KWARGS):
@@ -328,15 +402,44 @@ def _layer_hook(layer: nn.Module, args, kwargs, output):
     link: _Link | None = layer.__dict__.get("_reft_link")
     if link is None:
         return None
-    st = link.state
-    pos = st.active
-    if pos is None or st.disabled:
+    # A traced graph (torch.compile) records nothing: its recomputes are traced with it.
+    x_in = None if torch.compiler.is_compiling() else _layer_input(args, kwargs)
+    recompute = x_in is not None and _in_backward()
+    pos = link.calls.lookup(x_in) if recompute else _NOT_RECORDED
+    h = None
+    if pos is _NOT_RECORDED:
+        h = _hidden(output)
+        pos = _forward_positions(link.state, h.transpose(0, 1) if link.seq_first else h)
+        if x_in is not None and not recompute and not torch.is_inference_mode_enabled():
+            link.calls.record(x_in, pos)
+    if pos is None:
         return None
-    h = _hidden(output)
+    h = _hidden(output) if h is None else h
     if h.is_nested:
         raise TypeError("reft_ext: the layer returned a nested tensor (nn.TransformerEncoder "
                         "fast path); build it with enable_nested_tensor=False")
     hv = h.transpose(0, 1) if link.seq_first else h            # (B, T, d)
+    if pos.device != hv.device:
+        pos = _on_device(link.state, pos, hv.device)
+    inplace = (not (hv.requires_grad and hv.is_leaf) and hv.stride(-1) == 1
+               and not _aliases_input(h, args, kwargs))
+    out = link.intervention(hv, pos, inplace=inplace)
+    if out is hv:
+        return None                    # edited in place: output already holds the edit
+    return _replace_hidden(output, out.transpose(0, 1) if link.seq_first else out)
+
+
+def _layer_input(args, kwargs) -> torch.Tensor | None:
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("src"))
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def _forward_positions(st: _State, hv: torch.Tensor):
+    """The (B, P) positions this forward edits at a layer whose (B, T, d) output is hv, or
+    None for no edit."""
+    pos = st.active
+    if pos is None or st.disabled:
+        return None
     if pos is _FROM_SPEC:
         pos = _spec_positions(st, hv)
         st.active = pos
@@ -344,14 +447,16 @@ def _layer_hook(layer: nn.Module, args, kwargs, output):
         # generate() expanded the batch (beams, num_return_sequences) with repeat_interleave
         pos = pos.repeat_interleave(hv.shape[0] // pos.shape[0], dim=0)
         st.active, st.expand = pos, False
-    if pos.device != hv.device:
-        pos = pos.to(hv.device)
-    inplace = (not (hv.requires_grad and hv.is_leaf) and hv.stride(-1) == 1
-               and not _aliases_input(h, args, kwargs))
-    out = link.intervention(hv, pos, inplace=inplace)
-    if out is hv:
-        return None                    # edited in place: output already holds the edit
-    return _replace_hidden(output, out.transpose(0, 1) if link.seq_first else out)
+    return pos
+
+
+def _on_device(st: _State, pos: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """pos on device, moved once per forward and shared by the layers there: on CUDA the op
+    validates a positions tensor once (one device-to-host sync) and then recognises it."""
+    moved = st.on_device.get(device)
+    if moved is None or moved[0] is not pos:
+        moved = st.on_device[device] = (pos, pos.to(device))
+    return moved[1]
 
 
 def _aliases_input(h: torch.Tensor, args, kwargs) -> bool:

@@ -45,3 +45,34 @@ def loreft_reference_(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor,
     bi, t, y = _edit_rows(h, positions, R, W, b)
     h[bi, t] = y
     return h
+
+
+def loreft_backward_reference(grad: torch.Tensor, positions: torch.Tensor, x: torch.Tensor,
+                              x_gathered: bool, R: torch.Tensor, W: torch.Tensor,
+                              b: torch.Tensor):
+    """Gradients of the LoReFT edit from differentiable PyTorch ops (so that they can be
+    differentiated again: double backward).
+
+    grad: (B, T, d) gradient of the edit's output; positions: (B, P); x: the forward's
+    input, (B, T, d) h itself, or (B, P, d) its selected rows when x_gathered; R, W: (r, d);
+    b: (r,). With rows x, g = grad at (i, positions[i, j]), M = W - R, z = x M^T + b and
+    gz = g R^T (in the accumulation dtype):
+
+        dx = g + gz M,  dW = sum gz^T x,  db = sum gz,  dR = sum (z^T g - gz^T x)
+
+    Returns (grad_h (B, T, d) in grad's dtype: grad with dx at the edited rows, dR, dW, db
+    in the dtypes of R, W, b).
+    """
+    acc = _acc(grad.dtype)
+    bi, pj = (positions >= 0).nonzero(as_tuple=True)
+    t = positions[bi, pj].long()
+    xr = (x[bi, pj] if x_gathered else x[bi, t]).to(acc)
+    g = grad[bi, t].to(acc)
+    Ra, Wa = R.to(acc), W.to(acc)
+    M = Wa - Ra
+    z = xr @ M.T + b.to(acc)
+    gz = g @ Ra.T
+    grad_h = grad.clone()
+    grad_h[bi, t] = (g + gz @ M).to(grad.dtype)
+    dW = gz.T @ xr
+    return grad_h, (z.T @ g - dW).to(R.dtype), dW.to(W.dtype), gz.sum(0).to(b.dtype)

@@ -1,0 +1,131 @@
+"""Which backward path runs: the compact (B, P, d) problem when few rows are edited, the
+sparse row correction of h's gradient only for plain eager tensors, the direct CPU kernel
+calls only outside dispatch modes. Values always against the reference (float64).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reft_ext
+from reft_ext import functional
+from reft_ext.reference import loreft_reference
+from _util import assert_bitwise_equal, make_inputs, seed_of
+
+OPS = [pytest.param(False, id="loreft"), pytest.param(True, id="loreft_")]
+
+
+class _Spy:
+    """Stands in for torch.ops.reft_ext in functional.py and records the ops called."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.reft_ext, name)
+
+        def call(*args):
+            self.calls.append(name)
+            return op(*args)
+        return call
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    recorded = []
+    monkeypatch.setattr(functional, "_ops_ns", _Spy(recorded))
+    return recorded
+
+
+@pytest.mark.parametrize("inplace", OPS)
+@pytest.mark.parametrize("P,compact", [(3, True), (7, False)])
+def test_params_only_backward_uses_selected_rows(calls, inplace, P, compact):
+    """h not requiring grad (the first edited layer of a frozen model): the backward runs on
+    the (B, P, d) selected rows instead of copying the (B, T, d) gradient, when P <= T/2."""
+    h, pos, R, W, b, w = make_inputs(seed_of("params-only", P, inplace), 2, 12, 6, 2, P,
+                                     torch.float64, empty_frac=0.3)
+    shapes = []
+    spy_bwd = functional._ops_ns.__getattr__("loreft_bwd")
+
+    class _Shapes(_Spy):
+        def __getattr__(self, name):
+            if name == "loreft_bwd":
+                return lambda g, *a: (shapes.append(tuple(g.shape)), spy_bwd(g, *a))[1]
+            return super().__getattr__(name)
+    functional._ops_ns = _Shapes(calls)
+    results = []
+    for op in ((reft_ext.loreft_ if inplace else reft_ext.loreft), loreft_reference):
+        params = [t.clone().requires_grad_() for t in (R, W, b)]
+        y = op(h.clone(), pos, *params)
+        (y * w).sum().backward()
+        results.append([p.grad for p in params])
+    for name, f, e in zip(("dR", "dW", "db"), *results):
+        torch.testing.assert_close(f, e, rtol=1e-12, atol=1e-12, msg=name)
+    assert shapes == [(2, P, 6) if compact else (2, 12, 6)]
+
+
+@pytest.mark.parametrize("inplace", OPS)
+def test_dense_gradient_under_a_dispatch_mode(inplace):
+    """A dispatch mode sees every op and may hold the tensors it sees: h's gradient is then
+    a dense copy (no sparse correction reaches the mode), with the reference's values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Layouts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sparse = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.sparse += sum(isinstance(t, torch.Tensor) and t.is_sparse
+                               for t in (out if isinstance(out, (tuple, list)) else [out]))
+            return out
+
+    h, pos, R, W, b, w = make_inputs(seed_of("mode", inplace), 2, 9, 6, 2, 3, torch.float64)
+    results = []
+    for op in ((reft_ext.loreft_ if inplace else reft_ext.loreft), loreft_reference):
+        leaf = h.clone().requires_grad_()
+        params = [t.clone().requires_grad_() for t in (R, W, b)]
+        with Layouts() as mode:
+            (op(leaf * 1.0, pos, *params) * w).sum().backward()
+        results.append([leaf.grad, *(p.grad for p in params)])
+        assert mode.sparse == 0
+    for name, f, e in zip(("dh", "dR", "dW", "db"), *results):
+        torch.testing.assert_close(f, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_plain_eager_cpu_calls_skip_the_dispatcher(monkeypatch):
+    """loreft_'s in-place ops on plain CPU tensors go straight to their CPU kernels; under a
+    dispatch mode, which must see every op, they go through the dispatcher. Same values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dispatched = []
+    monkeypatch.setattr(functional, "_dispatcher", _Spy(dispatched))
+    h, pos, R, W, b, w = make_inputs(seed_of("direct"), 2, 9, 6, 2, 3, torch.float64)
+
+    def step():
+        leaf = h.clone().requires_grad_()
+        params = [t.clone().requires_grad_() for t in (R, W, b)]
+        y = reft_ext.loreft_(leaf.clone(), pos, *params)
+        (y * w).sum().backward()
+        return y.detach(), leaf.grad, *(p.grad for p in params)
+
+    direct = step()
+    assert dispatched == []
+    with Seen() as mode:
+        via = step()
+    assert "loreft_fwd_" in dispatched and "reft_ext.loreft_fwd_.default" in mode.ops
+    # dh is g + (dx - g) at the edited rows on the eager path (sparse correction) and dx
+    # written into a copy under the mode: one rounding apart; the rest is the same kernels.
+    for name, a, e in zip(("out", "dR", "dW", "db"), direct[:1] + direct[2:], via[:1] + via[2:]):
+        assert_bitwise_equal(a, e, name)
+    torch.testing.assert_close(direct[1], via[1], rtol=1e-14, atol=1e-14)
