@@ -434,6 +434,38 @@ def test_checkpointed_layer_calls_use_their_own_forwards_positions(reentrant, le
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_checkpointed_transformers_two_forwards_one_backward():
+    """A chosen/rejected-style loss from two forwards of different lengths and masks, one
+    backward, on a gradient-checkpointed transformers model: the gradients of the same
+    computation without checkpointing. (transformers >= 5.23 checkpoints layer.forward;
+    CI runs this file again on 4.57, which checkpoints the layer call.)"""
+    import copy
+    import transformers
+    from test_patch_util import batch, build
+    model, _ = build("llama")
+    model.train()
+    torch.manual_seed(0)
+    reft_ext.patch(model, [0, 2], rank=4, positions="f2+l2")
+    ckpt = copy.deepcopy(model)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        ckpt.activation_checkpointing_enable()
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batches = [batch(B=3, T=9, left=False, seed=1), batch(B=2, T=6, left=False, seed=2)]
+    grads = []
+    for m in (model, ckpt):
+        loss = 0
+        for k, (ids, mask) in enumerate(batches):
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = loss + (1.0 - 2 * k) * m(input_ids=ids, attention_mask=mask, labels=labels,
+                                            use_cache=False).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.reft_interventions.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 6
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_checkpoint_recompute_refuses_an_ambiguous_input():
     """Two pending forwards that fed a layer the very same tensor with different positions:
     the recompute cannot tell them apart, so it raises instead of guessing."""
@@ -455,15 +487,21 @@ def test_checkpoint_recompute_refuses_an_ambiguous_input():
         loss.backward()
 
 
-def test_checkpoint_recompute_of_a_disabled_forward_stays_unedited():
-    """A forward under reft_ext.disabled() whose checkpoint recompute runs outside it: the
-    recompute must not edit either (base gradients equal the unchecked run's)."""
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpoint_recompute_of_a_disabled_forward_stays_unedited(reentrant, monkeypatch):
+    """A forward under reft_ext.disabled(), then an edited one, then one backward: the first
+    forward's recompute runs outside disabled() and must not edit either (gradients equal
+    the unchecked run's)."""
     from test_patch_util import PlainDecoder
     torch.manual_seed(0)
     model = PlainDecoder()
     reft_ext.patch(model, [0, 1], rank=2)
-    for p in model.blocks.parameters():
-        p.requires_grad_(True)
+    for p in [*model.blocks.parameters(), model.embed.weight]:
+        p.requires_grad_(True)    # (reentrant checkpointing needs an input requiring grad)
+    orig = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, use_reentrant=None, **kw:
+                        orig(fn, *a, use_reentrant=reentrant, **kw))
     ids = torch.randint(0, 90, (2, 6))
     grads = []
     for ckpt in (False, True):
@@ -471,7 +509,8 @@ def test_checkpoint_recompute_of_a_disabled_forward_stays_unedited():
         model.checkpoint_layers = ckpt
         with reft_ext.disabled(model):
             out = model(ids)
-        out.pow(2).mean().backward()
+        out2 = model(ids[:, :4])
+        (out.pow(2).mean() + out2.pow(2).mean()).backward()
         grads.append({n: p.grad.clone() for n, p in model.blocks.named_parameters()})
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-6, atol=1e-7, msg=k)
