@@ -88,7 +88,8 @@ def main(argv=None) -> int:
                             evict.mul_(1.0)
                         t2 = time.perf_counter()
                         lib.backward_cpu(*args_p, *_ops._rows(g), *_ops._rows(saved), True,
-                                         coef.data_ptr(), *(t.data_ptr() for t in grads))
+                                         coef.data_ptr(), *(t.data_ptr() for t in grads),
+                                         0, 0, 0)
                         t3 = time.perf_counter()
                         suffix = " cold" if cold else ""
                         times.setdefault(("fwd" + suffix, name), []).append(t1 - t0)

@@ -7,9 +7,9 @@ Four providers, paired by form so each ratio compares like with like:
 Modes: fwd (forward with autograd recording), bwd (backward alone), fwd+bwd. h is a fresh
 non-leaf tensor requiring grad each repeat (made untimed), parameters require grad, as in
 training. The incoming gradient is, as in training, a fresh tensor that the layer above
-hands to autograd and nobody else holds (reft_ext then writes dx into it: see
-functional._owned); the modes "bwd, caller's grad" and "fwd+bwd, caller's grad" pass a
-gradient the caller keeps (out.backward(grad)), which reft_ext must copy; with it, the
+hands to autograd and nobody else holds (autograd then adds reft_ext's sparse row
+correction into it in place: see functional.py); the modes "bwd, caller's grad" and "fwd+bwd, caller's grad" pass a
+gradient the caller keeps (out.backward(grad)), which autograd must copy; with it, the
 "copy floor": the two fresh (B, T, d) copies that form requires of any implementation. Within
 each mode the providers take turns, one repeat each per round (common.measure_interleaved),
 so drift of a shared machine does not tilt their ratios. Also the per-call overhead of

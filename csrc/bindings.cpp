@@ -73,14 +73,16 @@ PYBIND11_MODULE(_C, m) {
   }, "Returns '' when positions are valid, else the reason. Reads only the positions.");
 
   // coef: 0, or forward_cpu's coef for these x and parameters (z is then not recomputed).
+  // delta: 0 (dx written into gio), or (B, P, d) rows receiving dx - g (gio only read).
   m.def("backward_cpu", [](PROBLEM_ARGS, uintptr_t gio, int64_t g_sb, int64_t g_st,
                            uintptr_t x, int64_t x_sb, int64_t x_st, bool x_gathered,
-                           uintptr_t coef, uintptr_t dR, uintptr_t dW, uintptr_t db) {
+                           uintptr_t coef, uintptr_t dR, uintptr_t dW, uintptr_t db,
+                           uintptr_t delta, int64_t delta_sb, int64_t delta_st) {
     Problem p = PROBLEM;
     py::gil_scoped_release release;
     reft::loreft_backward_cpu(p, Rows{as_ptr(gio), g_sb, g_st}, Rows{as_ptr(x), x_sb, x_st},
                               x_gathered, reinterpret_cast<const void*>(coef), as_ptr(dR),
-                              as_ptr(dW), as_ptr(db));
+                              as_ptr(dW), as_ptr(db), Rows{as_ptr(delta), delta_sb, delta_st});
   });
 
   m.def("cpu_isa", &reft::cpu_isa, "Instruction set of the CPU kernels on this machine.");

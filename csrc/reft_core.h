@@ -71,9 +71,12 @@ void loreft_forward_cpu(const Problem& p, Rows io, Rows saved, void* coef);
 // uses a fixed partition that depends only on the problem's shape, never on thread count.
 // coef: nullptr, or the forward's coef for these x and parameters, which the backward then
 // reads instead of computing z again (the same values: a row's z does not depend on the
-// tiling).
+// tiling). delta: when delta.data != nullptr, gio is only read, and slot (i, j) of delta
+// (a (B, P, d) tensor in h's dtype, like x_gathered rows) receives dx - g = gz M for its
+// row instead (zeros for empty slots): the row correction of h's gradient, added to g
+// by the caller (functional.py: autograd, in place when it holds g alone).
 void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered,
-                         const void* coef, void* dR, void* dW, void* db);
+                         const void* coef, void* dR, void* dW, void* db, Rows delta);
 
 // Instruction set the CPU kernels use on this machine ("avx2+fma" or "baseline").
 const char* cpu_isa();

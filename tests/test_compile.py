@@ -82,6 +82,28 @@ def test_opcheck_loreft_bwd(device, sample):
                                      False, R.T.contiguous().T, W.T.contiguous().T, b))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_opcheck_loreft_bwd_rows(device, sample):
+    h, pos, R, W, b, g = _sample(sample, device)
+    opcheck(ops.loreft_bwd_rows.default, (g, pos, h, False, R, W, b))
+    saved = torch.randn(h.shape[0], pos.shape[1], h.shape[2]).to(h)
+    opcheck(ops.loreft_bwd_rows.default, (g, pos, saved, True, R, W, b))
+    opcheck(ops.loreft_bwd_rows.default, (g.transpose(0, 1).contiguous().transpose(0, 1), pos,
+                                          h, False, R.T.contiguous().T, W.T.contiguous().T, b))
+
+
+def _assert_same_but_dh(name, compiled, eager, what):
+    """Bitwise, except h's gradient at the edited rows: eager (P <= T/2) returns it as g plus
+    a sparse correction dx - g that autograd adds (functional.py), a compiled graph as dx
+    written into a copy of g; the two are one rounding apart there."""
+    if name != "dh":
+        return assert_bitwise_equal(compiled, eager, what)
+    eps = torch.finfo(eager.dtype).eps
+    torch.testing.assert_close(compiled, eager, rtol=eps,
+                               atol=2 * eps * eager.abs().max().item(), msg=what)
+
+
 def _model(op):
     def f(h, pos, R, W, b):
         x = h * 1.5 + 0.25  # a non-leaf, so loreft_ may edit it in place
@@ -126,7 +148,7 @@ def test_compile_fullgraph_matches_eager(device, backend, op):
     names = ("s", "y", "dh", "dR", "dW", "db")
     if backend == "aot_eager":  # the same kernels in the same order: the same bits
         for name, c, e in zip(names, compiled, eager):
-            assert_bitwise_equal(c, e, f"compiled {name}")
+            _assert_same_but_dh(name, c, e, f"compiled {name}")
     else:
         for name, c, e in zip(names, compiled, eager):
             torch.testing.assert_close(c, e, msg=lambda m, name=name: f"compiled {name}: {m}")
@@ -141,7 +163,7 @@ def test_compile_dynamic_shapes(device):
         h, pos, R, W, b, g = (t.to(device) for t in make_inputs(seed_of("dyn", k), *shape))
         for name, c, e in zip(("s", "y", "dh", "dR", "dW", "db"), _run(cfn, h, pos, R, W, b, g),
                               _run(fn, h, pos, R, W, b, g)):
-            assert_bitwise_equal(c, e, f"dynamic-shape compiled {name} for shape {shape}")
+            _assert_same_but_dh(name, c, e, f"dynamic-shape compiled {name} for shape {shape}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -17,18 +17,18 @@ namespace reft {
 namespace base {
 void forward_any(const Problem& p, Rows io, Rows saved, void* coef);
 void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, const void* coef,
-                  void* dR, void* dW, void* db);
+                  void* dR, void* dW, void* db, Rows delta);
 }  // namespace base
 #if defined(REFT_EXT_CPU_AVX2)
 namespace avx2 {
 void forward_any(const Problem& p, Rows io, Rows saved, void* coef);
 void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, const void* coef,
-                  void* dR, void* dW, void* db);
+                  void* dR, void* dW, void* db, Rows delta);
 }  // namespace avx2
 namespace avx512 {
 void forward_any(const Problem& p, Rows io, Rows saved, void* coef);
 void backward_any(const Problem& p, Rows gio, Rows x, bool x_gathered, const void* coef,
-                  void* dR, void* dW, void* db);
+                  void* dR, void* dW, void* db, Rows delta);
 }  // namespace avx512
 #endif
 
@@ -120,12 +120,13 @@ void loreft_forward_cpu(const Problem& p, Rows io, Rows saved, void* coef) {
 }
 
 void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered,
-                         const void* coef, void* dR, void* dW, void* db) {
+                         const void* coef, void* dR, void* dW, void* db, Rows delta) {
 #if defined(REFT_EXT_CPU_AVX2)
-  if (use_avx512()) return avx512::backward_any(p, gio, x, x_gathered, coef, dR, dW, db);
-  if (use_avx2()) return avx2::backward_any(p, gio, x, x_gathered, coef, dR, dW, db);
+  if (use_avx512())
+    return avx512::backward_any(p, gio, x, x_gathered, coef, dR, dW, db, delta);
+  if (use_avx2()) return avx2::backward_any(p, gio, x, x_gathered, coef, dR, dW, db, delta);
 #endif
-  base::backward_any(p, gio, x, x_gathered, coef, dR, dW, db);
+  base::backward_any(p, gio, x, x_gathered, coef, dR, dW, db, delta);
 }
 
 }  // namespace reft

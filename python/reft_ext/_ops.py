@@ -12,6 +12,11 @@ Three ops, all operating on rows h[i, positions[i, j]] of a (B, T, d) tensor:
         x is the forward input: h itself (x_gathered=False) or the saved rows (True);
         coef: loreft_fwd_'s for these x and parameters, or None; the CPU kernels then
         skip computing z again (one of the backward's five passes over a row)
+  reft_ext::loreft_bwd_rows(grad, positions, x, x_gathered, R, W, b, coef=None)
+        -> (delta, dR, dW, db)
+        the same, but instead of a whole gradient of h only the row corrections:
+        delta (B, P, d) in x's dtype, slot (i, j) = dx - g at row (i, positions[i, j]),
+        zeros for -1 slots (functional.py adds them to g as a sparse gradient)
 
 Ops are defined with torch.library.define/impl/register_fake rather than custom_op: the
 dispatcher overhead is ~3x lower per call, and autograd lives outside the ops
@@ -46,6 +51,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+torch.library.define(
+    "reft_ext::loreft_bwd_rows",
+    "(Tensor grad, Tensor positions, Tensor x, bool x_gathered, Tensor R, Tensor W, Tensor b,"
+    " Tensor? coef=None) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
 # ---------------------------------------------------------------------------------------
 # Fake kernels: shapes and dtypes only (torch.compile, meta tensors, opcheck).
 
@@ -76,6 +87,13 @@ def _bwd_fake(grad, positions, x, x_gathered, R, W, b, coef=None):
     return (torch.empty_like(grad, dtype=x.dtype, memory_format=contig),
             torch.empty_like(R, memory_format=contig), torch.empty_like(W, memory_format=contig),
             torch.empty_like(b, memory_format=contig))
+
+
+@torch.library.register_fake("reft_ext::loreft_bwd_rows")
+def _bwd_rows_fake(grad, positions, x, x_gathered, R, W, b, coef=None):
+    _, dR, dW, db = _bwd_fake(grad, positions, x, x_gathered, R, W, b)
+    B, P = positions.shape
+    return grad.new_empty((B, P, grad.shape[2]), dtype=x.dtype), dR, dW, db
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,7 +197,7 @@ def _bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef=None):
     dR, dW, db = _param_grad_buffers(R, x)
     _native.lib().backward_cpu(*_problem(grad_h, positions, Rc, Wc, bc), *_rows(grad_h),
                                *_rows(x), x_gathered, coef_ptr, dR.data_ptr(),
-                               dW.data_ptr(), db.data_ptr())
+                               dW.data_ptr(), db.data_ptr(), 0, 0, 0)
     return dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
 
 
@@ -187,6 +205,39 @@ def _bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef=None):
 def _bwd_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
     grad_h = grad.to(x.dtype).clone(memory_format=torch.contiguous_format)
     return grad_h, *_bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef)
+
+
+def bwd_rows_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
+    """CPU kernel of reft_ext::loreft_bwd_rows (functional.py also calls it directly): one
+    pass that reads g's selected rows in place and writes their corrections."""
+    g = _inner_contiguous(grad.to(x.dtype))
+    coef_ptr = _coef_ptr(coef, g, positions, R)
+    Rc, Wc, bc = _contig_params(R, W, b)
+    x = _inner_contiguous(x)
+    dR, dW, db = _param_grad_buffers(R, x)
+    B, P = positions.shape
+    # Empty, not zeros: the kernel writes every slot (zeros for -1 slots).
+    delta = g.new_empty((B, P, g.shape[2]))
+    _native.lib().backward_cpu(*_problem(g, positions, Rc, Wc, bc), *_rows(g), *_rows(x),
+                               x_gathered, coef_ptr, dR.data_ptr(), dW.data_ptr(),
+                               db.data_ptr(), *_rows(delta))
+    return delta, dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
+
+
+torch.library.impl("reft_ext::loreft_bwd_rows", "cpu")(bwd_rows_cpu)
+
+
+def compact_rows(grad, positions, x, x_gathered):
+    """The selected rows as a (B, P, d) problem: (g rows, positions' = slot index or -1,
+    x rows), so that a backward runs without a copy of the whole gradient. Empty slots
+    gather row 0 and stay empty (-1) in positions'."""
+    B, P = positions.shape
+    rows = torch.arange(B, device=grad.device)[:, None]
+    idx = positions.clamp(min=0)
+    slots = torch.arange(P, device=positions.device, dtype=positions.dtype).expand(B, P)
+    pos_c = torch.where(positions >= 0, slots, -1)
+    g_c = grad[rows, idx].to(x.dtype)
+    return g_c, pos_c, (x if x_gathered else x[rows, idx])
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,6 +316,16 @@ def _bwd_cuda(grad, positions, x, x_gathered, R, W, b, coef=None):  # recomputes
     g = _inner_contiguous(grad.to(x.dtype))
     grad_h = g.clone(memory_format=torch.contiguous_format)
     return grad_h, *_bwd_cuda_into(g, grad_h, positions, x, x_gathered, R, W, b)
+
+
+@torch.library.impl("reft_ext::loreft_bwd_rows", "cuda")
+def _bwd_rows_cuda(grad, positions, x, x_gathered, R, W, b, coef=None):
+    # The CUDA kernels write dx into a second buffer: run them on the gathered rows and
+    # subtract (a (B, P, d) problem; empty slots' rows are left as g, so their delta is 0
+    # unless g holds inf or NaN there, hence the fill).
+    g_c, pos_c, x_c = compact_rows(grad, positions, x, x_gathered)
+    dx_c, dR, dW, db = _bwd_cuda(g_c, pos_c, x_c, True, R, W, b)
+    return dx_c.sub_(g_c).masked_fill_((positions < 0).unsqueeze(-1), 0), dR, dW, db
 
 
 # The positions tensor last found valid: (weak reference, its version counter, T). patch()

@@ -33,7 +33,8 @@ def _plain_eager_cpu(t: torch.Tensor) -> bool:
 
 class _Ops:
     """The ops as this file calls them: torch.ops.reft_ext, except that loreft_'s in-place
-    forward, on plain eager CPU tensors, goes straight to its CPU kernel.
+    forward and the row-correction backward, on plain eager CPU tensors, go straight to
+    their CPU kernels.
     For those tensors the dispatcher's round trip to a Python kernel does nothing more, and
     costs ~0.05 ms a call once a step's (B, T, d) tensors have evicted the caches: ~5% of
     an f7+l7 step in bench_op."""
@@ -46,6 +47,12 @@ class _Ops:
         if _plain_eager_cpu(h):
             return _ops.fwd_inplace_cpu(h, *args)
         return _dispatcher.loreft_fwd_(h, *args)
+
+    @staticmethod
+    def loreft_bwd_rows(grad, *args):
+        if _plain_eager_cpu(grad):
+            return _ops.bwd_rows_cpu(grad, *args)
+        return _dispatcher.loreft_bwd_rows(grad, *args)
 
 
 _ops_ns = _Ops()
@@ -82,22 +89,10 @@ def _needs_autograd(h, R, W, b) -> bool:
 SPARSE_GRAD = os.environ.get("REFT_EXT_SPARSE_GRAD", "1") != "0"
 
 
-def _compact(grad, positions, x, x_gathered):
-    """The selected rows as a (B, P, d) problem: (g rows, positions' = slot index or -1,
-    x rows), so the kernels run without a copy of the whole gradient. Empty slots gather
-    row 0 and stay empty (-1) in positions'."""
-    B, P = positions.shape
-    rows = torch.arange(B, device=grad.device)[:, None]
-    idx = positions.clamp(min=0)
-    slots = torch.arange(P, device=positions.device, dtype=positions.dtype).expand(B, P)
-    pos_c = torch.where(positions >= 0, slots, -1)
-    g_c = grad[rows, idx].to(x.dtype)
-    return g_c, pos_c, (x if x_gathered else x[rows, idx]), idx
-
-
 def _row_correction(grad, idx, corr):
     """(B, T, d) sparse COO tensor holding corr (B, P, d) at rows (i, idx[i, j]). Empty
-    slots point at row 0 with a zero correction: duplicates add, so they change nothing."""
+    slots (idx clamped to 0, corr 0 from loreft_bwd_rows) add zeros to row 0: duplicates
+    add, so they change nothing."""
     B, P = idx.shape
     bi = torch.arange(B, device=idx.device).repeat_interleave(P)
     indices = torch.stack((bi, idx.reshape(-1).to(bi.dtype)))
@@ -120,17 +115,15 @@ def _backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=None, sparse_ok
         # (Hessian-vector products, gradient penalties) is exact.
         dense, dR, dW, db = loreft_backward_reference(grad, positions, x, x_gathered, R, W, b)
         sparse = None
-    elif 2 * positions.shape[1] <= grad.shape[1] and (
-            not need_h or (two_h and sparse_ok and SPARSE_GRAD and _plain_eager(grad)
-                           and grad.layout == torch.strided)):
-        g_c, pos_c, x_c, idx = _compact(grad, positions, x, x_gathered)
-        dx_c, dR, dW, db = _ops_ns.loreft_bwd(g_c, pos_c, x_c, True, R, W, b, coef)
-        dense = sparse = None
-        if need_h:
-            # Empty slots: no correction (their g_c may hold inf, and inf - inf is NaN).
-            corr = dx_c.sub_(g_c).masked_fill_((positions < 0).unsqueeze(-1), 0)
-            sparse = _row_correction(grad, idx, corr)
-            dense = grad
+    elif 2 * positions.shape[1] <= grad.shape[1] and (not need_h or (
+            two_h and sparse_ok and SPARSE_GRAD and _plain_eager(grad)
+            and grad.layout == torch.strided)):
+        # Few edited rows: the kernels read g's selected rows in place and return their
+        # corrections (h needs no gradient: the first edited layer of a frozen model).
+        delta, dR, dW, db = _ops_ns.loreft_bwd_rows(grad, positions, x, x_gathered, R, W, b,
+                                                    coef)
+        sparse = _row_correction(grad, positions.clamp(min=0), delta) if need_h else None
+        dense = grad if need_h else None
     else:
         dense, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, x, x_gathered, R, W, b, coef)
         sparse = None

@@ -25,9 +25,9 @@ Positions of a forward, first match wins:
      attention mask of the call (``attention_mask``, 1 = token; or ``src_key_padding_mask``
      / ``key_padding_mask``, True = pad), or from all T tokens when there is none.
 
-Positions stay set until the next top-level forward, so layers re-run by a gradient
-checkpoint recompute during backward (transformers 4.x / < 5.23 checkpoint the layer's
-__call__, hooks included) see the same positions as the forward.
+A layer re-run by a gradient checkpoint recompute during backward (transformers 4.x /
+< 5.23 and plain torch checkpoint the layer's __call__, hooks included) edits the positions
+its own forward used, even when other forwards ran since (see _CallRecord).
 """
 from __future__ import annotations
 
@@ -430,8 +430,11 @@ def _layer_hook(layer: nn.Module, args, kwargs, output):
 
 
 def _layer_input(args, kwargs) -> torch.Tensor | None:
+    """The layer call's input hidden states, when they are a plain tensor (a subclass such as
+    a DTensor or a traced tensor may have no storage to key a recompute record on: its
+    recomputes see the latest forward's positions)."""
     x = args[0] if args else kwargs.get("hidden_states", kwargs.get("src"))
-    return x if isinstance(x, torch.Tensor) else None
+    return x if type(x) is torch.Tensor else None
 
 
 def _forward_positions(st: _State, hv: torch.Tensor):
