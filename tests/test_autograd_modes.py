@@ -21,7 +21,8 @@ import torch.autograd.forward_ad as fwAD
 import reft_ext
 from reft_ext import functional
 from reft_ext.reference import loreft_reference, loreft_reference_
-from _util import assert_bitwise_equal, assert_within_rule, bits, make_inputs, seed_of
+from _util import (DEVICES, assert_bitwise_equal, assert_within_rule, bits, make_inputs,
+                   seed_of)
 
 OPS = ["loreft", "loreft_"]
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
@@ -51,9 +52,8 @@ def _stash(fn):
 
 def _storage_view(g):
     """Keeps only g's storage (no tensor): a view rebuilt from it later."""
-    st = g.untyped_storage()
-    return lambda: torch.empty(0, dtype=g.dtype).set_(st, g.storage_offset(), g.shape,
-                                                       g.stride())
+    st, meta = g.untyped_storage(), (g.storage_offset(), g.shape, g.stride())
+    return lambda: torch.empty(0, dtype=g.dtype, device=g.device).set_(st, *meta)
 
 
 def _scenario(name, op, h, pos, R, W, b, w, held):
@@ -200,13 +200,14 @@ SCENARIOS = ["downstream", "consumer-pending", "consumer-done", "y+y", "y+z", "c
              "params-only", "threads", "setprofile", "settrace", "compile"]
 
 
-def _check(op_name, scenario, dtype):
+def _check(op_name, scenario, dtype, device="cpu"):
     h, pos, R, W, b, w = make_inputs(seed_of("modes", op_name, scenario, dtype), 2, 10, 12,
                                      3, 4, dtype, param_dtypes=(torch.float32,) * 3)
+    on_dev = [t.to(device) for t in (h, pos, R, W, b, w)]
     held = _Held()
-    fused = _scenario(scenario, _FUSED[op_name], h, pos, R, W, b, w, held)
+    fused = _scenario(scenario, _FUSED[op_name], *on_dev, held)
     held.check()
-    same = _scenario(scenario, _REF[op_name], h, pos, R, W, b, w, _Held())
+    same = _scenario(scenario, _REF[op_name], *on_dev, _Held())
     ref64 = _scenario(scenario, _REF[op_name], *(t.double() for t in (h,)), pos,
                       *(t.double() for t in (R, W, b, w)), _Held())
     assert fused.keys() == ref64.keys()
@@ -227,11 +228,12 @@ _DYNAMO_CTX_WARNING = pytest.mark.filterwarnings(
 
 
 @_DYNAMO_CTX_WARNING
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("op_name", OPS)
-def test_graph_topologies(op_name, scenario, dtype):
-    _check(op_name, scenario, dtype)
+def test_graph_topologies(op_name, scenario, dtype, device):
+    _check(op_name, scenario, dtype, device)
 
 
 def _always_reuse_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=None,
