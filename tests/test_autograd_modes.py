@@ -529,3 +529,18 @@ def test_positions_moved_once_per_forward():
     assert a is b and a.device.type == "meta"
     other = torch.tensor([[2, 3]])
     assert _on_device(st, other, torch.device("meta")) is not a
+
+
+def test_every_patched_layer_gets_the_same_positions_tensor():
+    """One positions tensor per forward for all patched layers (the CUDA op's validation
+    cache keys on it: one check and one sync per step instead of one per layer)."""
+    from test_patch_util import PlainDecoder
+    torch.manual_seed(0)
+    model = reft_ext.patch(PlainDecoder(), [0, 1, 2], rank=2, positions="f1+l1")
+    seen = []
+    for mod in model.reft_interventions.values():
+        mod.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    for _ in range(2):
+        seen.clear()
+        model(torch.randint(0, 90, (2, 6)))
+        assert len(seen) == 3 and all(p is seen[0] for p in seen)
