@@ -114,9 +114,10 @@ class _CallRecord:
                 x.dtype, x.device)
 
     def record(self, x: torch.Tensor, pos) -> None:
-        dead = [k for k, (ref, _) in self.entries.items() if ref.expired()]
-        for k in dead:
-            del self.entries[k]
+        # (list(): another thread's forward may add entries meanwhile)
+        for k, (ref, _) in list(self.entries.items()):
+            if ref.expired():
+                self.entries.pop(k, None)
         key = self._key(x)
         old = self.entries.get(key)
         if old is not None and not _same_positions(old[1], pos):
