@@ -171,3 +171,93 @@ def test_sft_trainer_matches_hand_written_loop(kind, tmp_path):
         assert torch.equal(fresh(**kw).logits, model(**kw).logits)
         with reft_ext.disabled(model):
             assert not torch.equal(model(**kw).logits, fresh(**kw).logits)
+
+
+# ----------------------------------------------------------------------------- DPO
+
+BETA = 0.1
+
+
+def _seq_logp(model, prompt, completion):
+    """log p(completion | prompt), one unpadded sequence; the edit (if any) on the first /
+    last tokens of the prompt, positions from a Python loop."""
+    ids = torch.tensor([prompt + completion])
+    kw = {}
+    if reft_ext.is_patched(model):
+        kw["reft_positions"] = loop_prompt_positions(FIRST, LAST, [len(prompt)])
+    logits = model(input_ids=ids, **kw).logits[0]
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    tgt = ids[0, 1:]
+    return logp.gather(1, tgt[:, None])[len(prompt) - 1:, 0].sum()
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_dpo_trainer_gradient_equals_hand_written_dpo(gradient_checkpointing, tmp_path):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    tok = byte_tokenizer()
+    model = _patched(tok)
+    base = reft_ext.unpatch(copy.deepcopy(model))        # the reference, for the hand-written loss
+    # Copies are taken before TRL sees the model: its fused LM head wraps model.forward in
+    # a closure over the original model, so a later deepcopy would still run the original.
+    hand = copy.deepcopy(model)
+    start = {n: p.detach().clone() for n, p in model.reft_interventions.named_parameters()}
+    # chosen and rejected start with different tokens: the last patched layer's edit reaches
+    # the DPO margin only through the prediction of the first completion token (the prompt
+    # positions are the same in both sequences), which cancels when the two share it.
+    rows = [{"prompt": f"q{i}:", "chosen": f" a{i % 3}", "rejected": f"b{i % 2}x"}
+            for i in range(4)]
+    # One SGD step with lr 1 and no clipping: the parameter change is minus TRL's gradient.
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=len(rows), max_steps=1,
+        optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=0.0, beta=BETA, gradient_checkpointing=gradient_checkpointing,
+        precompute_ref_log_probs=True, bf16=False, use_cpu=True, report_to=[],
+        logging_steps=1, save_strategy="no", disable_tqdm=True)
+    collator = PromptPositions(DataCollatorForPreference(pad_token_id=tok.pad_token_id), SPEC)
+    # The reference log-probs are computed in the constructor: inside disabled() they are
+    # the bare base's, and no second copy of the model is loaded.
+    with reft_ext.disabled(model):
+        trainer = trl.DPOTrainer(model=model, args=args, processing_class=tok,
+                                 train_dataset=datasets.Dataset.from_list(rows),
+                                 data_collator=collator)
+    assert trainer.ref_model is None and trainer.model is model
+
+    prepared = list(trainer.train_dataset)
+    for r, row in zip(prepared, rows):                    # TRL's tokenization, checked
+        assert r["prompt_ids"] == tok(row["prompt"])["input_ids"]
+        assert r["chosen_ids"] == tok(row["chosen"])["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():                                 # reference = base without edit
+        ref_c = torch.tensor([_seq_logp(base, r["prompt_ids"], r["chosen_ids"]).item()
+                              for r in prepared])
+        ref_r = torch.tensor([_seq_logp(base, r["prompt_ids"], r["rejected_ids"]).item()
+                              for r in prepared])
+        edited = torch.tensor([_seq_logp(hand, r["prompt_ids"], r["chosen_ids"]).item()
+                               for r in prepared])
+    torch.testing.assert_close(torch.tensor([r["ref_chosen_logps"] for r in prepared]), ref_c,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([r["ref_rejected_logps"] for r in prepared]),
+                               ref_r, rtol=1e-5, atol=1e-5)
+    assert (edited - ref_c).abs().max() > 0.5            # the edit changes the log-probs
+
+    trainer.train()
+    assert model.model.layers[0].gradient_checkpointing == gradient_checkpointing
+    trl_grad = {n: start[n] - p.detach() for n, p in model.reft_interventions.named_parameters()}
+
+    # hand-written DPO (sigmoid loss) on the same batch, from the same initial parameters
+    hand.train()
+    losses = []
+    for r, rc, rr in zip(prepared, ref_c, ref_r):
+        pc = _seq_logp(hand, r["prompt_ids"], r["chosen_ids"])
+        pr = _seq_logp(hand, r["prompt_ids"], r["rejected_ids"])
+        losses.append(-F.logsigmoid(BETA * ((pc - rc) - (pr - rr))))
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    n = 0
+    # tolerance: float32 summation order (padded batch vs one sequence at a time) plus the
+    # rounding of p - g when the step is recovered from the parameters (~1 ulp of |p|)
+    for name, p in hand.reft_interventions.named_parameters():
+        torch.testing.assert_close(trl_grad[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert p.grad.abs().max() > 1e-4, name
+        n += 1
+    assert n == 3 * len(LAYERS)
