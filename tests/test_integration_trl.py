@@ -127,13 +127,12 @@ def test_sft_trainer_matches_hand_written_loop(kind, tmp_path):
         learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
         bf16=False, use_cpu=True, report_to=[], logging_steps=1, save_strategy="steps",
         save_steps=steps, save_only_model=True, disable_tqdm=True)
-    collator = PromptPositions(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id),
-                               SPEC)
     trainer = trl.SFTTrainer(model=model, args=args, processing_class=tok,
                              train_dataset=datasets.Dataset.from_list(rows),
-                             data_collator=collator,
                              callbacks=[reft_ext.ReftCheckpointCallback()])
     assert trainer.model is model                       # no copy: the patched instance trains
+    assert isinstance(trainer.data_collator, DataCollatorForLanguageModeling)
+    collator = trainer.data_collator = PromptPositions(trainer.data_collator, SPEC)   # README
 
     # TRL's completion-only labels mask exactly the prompt we tokenize ourselves
     prepared = sorted(trainer.train_dataset, key=lambda r: r["input_ids"])
@@ -213,14 +212,14 @@ def test_dpo_trainer_gradient_equals_hand_written_dpo(gradient_checkpointing, tm
         max_grad_norm=0.0, beta=BETA, gradient_checkpointing=gradient_checkpointing,
         precompute_ref_log_probs=True, bf16=False, use_cpu=True, report_to=[],
         logging_steps=1, save_strategy="no", disable_tqdm=True)
-    collator = PromptPositions(DataCollatorForPreference(pad_token_id=tok.pad_token_id), SPEC)
     # The reference log-probs are computed in the constructor: inside disabled() they are
     # the bare base's, and no second copy of the model is loaded.
     with reft_ext.disabled(model):
         trainer = trl.DPOTrainer(model=model, args=args, processing_class=tok,
-                                 train_dataset=datasets.Dataset.from_list(rows),
-                                 data_collator=collator)
+                                 train_dataset=datasets.Dataset.from_list(rows))
     assert trainer.ref_model is None and trainer.model is model
+    assert isinstance(trainer.data_collator, DataCollatorForPreference)
+    trainer.data_collator = PromptPositions(trainer.data_collator, SPEC)               # README
 
     prepared = list(trainer.train_dataset)
     for r, row in zip(prepared, rows):                    # TRL's tokenization, checked
