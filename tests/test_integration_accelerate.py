@@ -46,8 +46,8 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     # `accelerate launch ...` is `python -m accelerate.commands.launch ...` (no PATH lookup).
     # --multi_gpu picks the torchrun-style launcher; the worker's Accelerator(cpu=True) keeps
     # the processes on the CPU (gloo). See tests/accelerate_worker.py.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
            accelerate_worker.__file__, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -19,6 +19,7 @@ Checked here, on a tiny random Llama (d=32, 3 layers), for both orders:
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ import reft_ext
 from test_patch_util import HF_LAYER_PATHS, ReferenceHooks, batch, build, params_of
 
 peft = pytest.importorskip("peft")
+# peft imports bitsandbytes where installed, which may look for kernels on the hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5 deprecates.
 pytestmark = pytest.mark.filterwarnings(

@@ -148,9 +148,10 @@ def test_sft_trainer_matches_hand_written_loop(kind, tmp_path):
     trl_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     hand = _hand_sft(init, seqs, prompt_lens, steps, lr)
     # Same maths, other summation order (row order, fused log-prob head): float32 rounding
-    # compounded by Adam over the steps. Measured max rel. diff ~1e-6.
+    # compounded by Adam over the steps. Measured max rel. diff ~1e-6; atol: transformers
+    # 4.x logs the loss rounded to 4 decimals.
     torch.testing.assert_close(torch.tensor(trl_losses), torch.tensor(hand), rtol=1e-4,
-                               atol=0)
+                               atol=1e-4)
     assert hand[-1] < 0.6 * hand[0], hand    # it learns (measured: 0.34x, 0.53x)
     for (n, a), b in zip(model.reft_interventions.named_parameters(),
                          init.reft_interventions.parameters()):
@@ -251,7 +252,8 @@ def test_dpo_trainer_gradient_equals_hand_written_dpo(gradient_checkpointing, tm
         losses.append(-F.logsigmoid(BETA * ((pc - rc) - (pr - rr))))
     loss = torch.stack(losses).mean()
     loss.backward()
-    assert trainer.state.log_history[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    # (transformers 4.x logs the loss rounded to 4 decimals)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(loss.item(), abs=1e-4)
     n = 0
     # tolerance: float32 summation order (padded batch vs one sequence at a time) plus the
     # rounding of p - g when the step is recovered from the parameters (~1 ulp of |p|)
