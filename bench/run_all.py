@@ -49,7 +49,7 @@ import common  # noqa: E402
 import report  # noqa: E402
 
 import reft_ext  # noqa: E402
-from reft_ext.reference import loreft_reference, loreft_reference_  # noqa: E402
+from reft_ext.ops.reference import loreft_reference, loreft_reference_  # noqa: E402
 
 ALL_MODES = ("fwd", "bwd", "fwd+bwd")
 

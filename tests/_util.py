@@ -34,7 +34,7 @@ import torch
 
 import reft_ext
 from reft_ext import _native
-from reft_ext.reference import loreft_reference
+from reft_ext.ops.reference import loreft_reference
 
 FLOOR_ULPS = {torch.float32: 4, torch.bfloat16: 4, torch.float16: 4, torch.float64: 16}
 

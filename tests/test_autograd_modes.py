@@ -19,8 +19,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import reft_ext
-from reft_ext import functional
-from reft_ext.reference import loreft_reference, loreft_reference_
+from reft_ext.ops import _grad_reuse, autograd
+from reft_ext.ops.reference import loreft_reference, loreft_reference_
 from _util import (DEVICES, assert_bitwise_equal, assert_within_rule, bits, make_inputs,
                    seed_of)
 
@@ -250,12 +250,12 @@ def _always_reuse_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=No
     return (grad, *((None,) if two_h else ()), None, dR, dW, db)
 
 
-_real_backward = functional._backward
+_real_backward = autograd._backward
 
 
 @_DYNAMO_CTX_WARNING
 def test_matrix_catches_always_reusing_grad(monkeypatch):
-    monkeypatch.setattr(functional, "_backward", _always_reuse_backward)
+    monkeypatch.setattr(autograd, "_backward", _always_reuse_backward)
     caught = []
     for scenario in SCENARIOS:
         for op_name in OPS:
@@ -279,7 +279,7 @@ def test_owned_gradient_is_reused_not_copied(op_name):
     leaf = h.clone().requires_grad_()
     try:
         for sparse in (True, False):
-            functional.SPARSE_GRAD = sparse
+            _grad_reuse.SPARSE_GRAD = sparse
             seen = {}
             x = leaf * 1.0
             x.register_hook(_stash(lambda g: seen.setdefault("dh", g.data_ptr())))
@@ -288,7 +288,7 @@ def test_owned_gradient_is_reused_not_copied(op_name):
             (y * w).sum().backward()
             assert (seen["dh"] == seen["dy"]) == sparse, seen
     finally:
-        functional.SPARSE_GRAD = True
+        _grad_reuse.SPARSE_GRAD = True
 
 
 # ------------------------------------------------------------------ double backward

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import reft_ext
-from reft_ext import functional
-from reft_ext.reference import loreft_reference
+from reft_ext.ops import autograd
+from reft_ext.ops.reference import loreft_reference
 from _util import assert_bitwise_equal, make_inputs, seed_of
 
 OPS = [pytest.param(False, id="loreft"), pytest.param(True, id="loreft_")]
 
 
 class _Spy:
-    """Stands in for torch.ops.reft_ext in functional.py and records the ops called."""
+    """Stands in for torch.ops.reft_ext in ops/autograd.py and records the ops called."""
 
     def __init__(self, calls):
         self.calls = calls
@@ -33,7 +33,7 @@ class _Spy:
 @pytest.fixture
 def calls(monkeypatch):
     recorded = []
-    monkeypatch.setattr(functional, "_ops_ns", _Spy(recorded))
+    monkeypatch.setattr(autograd, "_ops_ns", _Spy(recorded))
     return recorded
 
 
@@ -106,7 +106,7 @@ def test_plain_eager_cpu_calls_skip_the_dispatcher(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     dispatched = []
-    monkeypatch.setattr(functional, "_dispatcher", _Spy(dispatched))
+    monkeypatch.setattr(autograd, "_dispatcher", _Spy(dispatched))
     h, pos, R, W, b, w = make_inputs(seed_of("direct"), 2, 9, 6, 2, 3, torch.float64)
 
     def step():

@@ -7,7 +7,7 @@ from torch import nn
 
 import reft_ext
 from reft_ext.interventions import DiReFT, LoReFT, orthonormal_rows
-from reft_ext.reference import loreft_reference
+from reft_ext.ops.reference import loreft_reference
 
 
 def _h(B=3, T=7, d=16, dtype=torch.float32):

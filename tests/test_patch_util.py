@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from reft_ext.interventions import orthonormal_rows
-from reft_ext.reference import loreft_reference
+from reft_ext.ops.reference import loreft_reference
 
 D, LAYERS, VOCAB = 32, 3, 97
 TOK = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -5,10 +5,8 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .functional import loreft, loreft_  # noqa: E402
-from .reference import loreft_reference, loreft_reference_  # noqa: E402
+from ._version import __version__
+from .ops import loreft, loreft_, loreft_reference, loreft_reference_  # noqa: E402
 from ._build import build_info  # noqa: E402
 from . import positions  # noqa: E402  (module; also callable: reft_ext.positions(model, pos))
 from .positions import (PositionSpec, parse_positions, positions_from_lengths,  # noqa: E402

@@ -21,8 +21,8 @@ import types
 import torch
 from torch import nn
 
-from .functional import loreft, loreft_
-from .reference import loreft_reference, loreft_reference_
+from .ops import acc_dtype, loreft, loreft_, loreft_reference, loreft_reference_
+from .ops.reference import edit_delta, valid_slots
 
 __all__ = ["LoReFT", "DiReFT", "orthonormal_rows"]
 
@@ -86,12 +86,9 @@ def _apply_dropout(h, positions, R, W, b, inplace, p):
     rows and the kept part of x are never rescaled. (pyreft drops out the whole output row
     x + z R instead, which also rescales x by 1/(1-p).)
     """
-    bi, pj = (positions >= 0).nonzero(as_tuple=True)
-    t = positions[bi, pj].long()
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    x = h[bi, t].to(acc)                                       # (N, d)
-    Ra = R.to(acc)
-    delta = (x @ W.to(acc).T + b.to(acc) - x @ Ra.T) @ Ra      # (N, d)
+    bi, _, t = valid_slots(positions)
+    x = h[bi, t].to(acc_dtype(h.dtype))                        # (N, d)
+    delta = edit_delta(x, R, W, b)                             # (N, d)
     y = (x + nn.functional.dropout(delta, p, training=True)).to(h.dtype)
     out = h if inplace else h.clone()
     out[bi, t] = y
@@ -109,7 +106,7 @@ class LoReFT(nn.Module):
         dropout: probability of dropping elements of the edit z R at the edited rows during
             training (see :func:`_apply_dropout`); 0 (default) keeps the fused path.
         backend: "fused" (reft_ext.loreft_, default) or "reference" (the pure-PyTorch
-            reft_ext.reference implementation; same semantics, for tests and benchmarks).
+            reft_ext.ops.reference implementation; same semantics, for tests and benchmarks).
 
     Parameters:
         rotate_raw: (r, d) unconstrained; ``R = orthonormal_rows(rotate_raw)`` is evaluated
