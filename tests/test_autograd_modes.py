@@ -521,7 +521,7 @@ def test_checkpoint_recompute_of_a_disabled_forward_stays_unedited(reentrant, mo
 def test_positions_moved_once_per_forward():
     """patch() moves CPU positions to a layer's device once per forward and hands every
     layer there the same tensor (on CUDA the op then validates it once per step)."""
-    from reft_ext.patch import _on_device
+    from reft_ext.model.hooks import _on_device
     st = type("S", (), {"on_device": {}})()
     pos = torch.tensor([[0, 1]])
     a = _on_device(st, pos, torch.device("meta"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from reft_ext.interventions import orthonormal_rows
+from reft_ext.modules import orthonormal_rows
 from reft_ext.ops.reference import loreft_reference
 
 D, LAYERS, VOCAB = 32, 3, 97

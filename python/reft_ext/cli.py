@@ -343,7 +343,7 @@ def train_command(argv) -> int:
         raise UsageError(f"--lr {args.lr}: must be > 0")
     if not 0 <= args.heldout_fraction < 1:
         raise UsageError(f"--heldout-fraction {args.heldout_fraction}: must be in [0, 1)")
-    from .positions import parse_positions
+    from .model.positions import parse_positions
     try:
         spec = parse_positions(args.positions)
     except ValueError as e:
@@ -363,8 +363,8 @@ def train_command(argv) -> int:
         raise UsageError(f"--model: cannot find the decoder layers: {_first_line(e)}")
     n_layers = len(container)
     layers = parse_layers(args.layers, n_layers) if args.layers else [n_layers // 2]
-    from .patch import _hidden_size
-    d = _hidden_size(model, list(container.children())[layers[0]])
+    from .model.layers import hidden_size
+    d = hidden_size(model, list(container.children())[layers[0]])
     if args.rank > d:
         raise UsageError(f"--rank {args.rank}: exceeds the hidden size d={d}")
 

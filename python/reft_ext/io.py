@@ -53,9 +53,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .interventions import DiReFT, LoReFT, orthonormal_rows
-from .patch import find_layers, interventions, is_patched, patch, patch_config, unpatch
-from .positions import parse_positions
+from .model.layers import find_layers, hidden_size as _hidden_size
+from .model.patch import interventions, is_patched, patch, patch_config, unpatch
+from .model.positions import parse_positions
+from .modules import DiReFT, LoReFT, orthonormal_rows
 
 __all__ = ["save", "load", "load_optimizer", "load_pyreft", "read_config", "CheckpointError",
            "ReftCheckpointCallback", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME",
@@ -577,7 +578,6 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
         raise CheckpointError(f"reft_ext.load: {where} was saved from a model with "
                               f"{cfg['n_layers']} layers at {cfg['layer_path']!r}; this model "
                               f"has {len(container)}")
-    from .patch import _hidden_size
     block = list(container.children())[cfg["layers"][0]]
     try:
         d_model = _hidden_size(model, block)
@@ -951,7 +951,6 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
     if any(not 0 <= i < len(container) for i in layers):
         raise CheckpointError(f"reft_ext.load_pyreft: layers {layers} out of range for the "
                               f"{len(container)} layers at {lpath_found!r}")
-    from .patch import _hidden_size
     try:
         d_model = _hidden_size(model, list(container.children())[layers[0]])
     except ValueError:

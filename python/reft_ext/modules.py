@@ -1,4 +1,7 @@
-"""Intervention modules: LoReFT (orthonormal R, fused op) and DiReFT.
+"""Intervention modules: LoReFT (orthonormal R, fused op) and DiReFT, and their registry.
+
+(Named modules.py, not interventions.py: ``reft_ext.interventions(model)`` is a function,
+and a submodule of the same name would shadow it or be shadowed by it.)
 
 Every module here has the same call contract, which is what :func:`reft_ext.patch` uses:
 
@@ -11,12 +14,16 @@ Every module here has the same call contract, which is what :func:`reft_ext.patc
                (inplace=False); every unselected row is bitwise unchanged.
 
 A custom intervention for ``patch(..., intervention=factory)`` only needs to follow it.
+
+The built-in ones are registered in INTERVENTIONS under the name patch() and checkpoints
+use, and each declares what a checkpoint holds of it: SAVED_TENSORS, {tensor name in the
+file: parameter name}, the tensors that rebuild it exactly; DERIVED_TENSORS, {name: (the
+saved tensor it is computed from, how)}, tensors a file also holds so that it can be used
+without reft_ext (LoReFT's materialised R).
 """
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import torch
 from torch import nn
@@ -24,7 +31,8 @@ from torch import nn
 from .ops import acc_dtype, loreft, loreft_, loreft_reference, loreft_reference_
 from .ops.reference import edit_delta, valid_slots
 
-__all__ = ["LoReFT", "DiReFT", "orthonormal_rows"]
+__all__ = ["LoReFT", "DiReFT", "orthonormal_rows", "INTERVENTIONS", "kind_of",
+           "build_intervention"]
 
 _BACKENDS = ("fused", "reference")
 
@@ -117,6 +125,9 @@ class LoReFT(nn.Module):
     ``.R``, ``.W``, ``.b`` return the (r, d), (r, d), (r,) tensors used by forward.
     """
 
+    SAVED_TENSORS = {"rotate_raw": "rotate_raw", "W": "weight", "b": "bias"}
+    DERIVED_TENSORS = {"R": ("rotate_raw", orthonormal_rows)}   # the R forward uses
+
     def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
                  device=None, dropout: float = 0.0, backend: str = "fused"):
         super().__init__()
@@ -182,6 +193,9 @@ class DiReFT(nn.Module):
     proj_layer.weight), all initialised as nn.Linear(d, r).
     """
 
+    SAVED_TENSORS = {"W1": "weight", "W2": "proj", "b": "bias"}
+    DERIVED_TENSORS: dict = {}
+
     def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
                  device=None, dropout: float = 0.0, backend: str = "fused"):
         super().__init__()
@@ -225,14 +239,26 @@ class DiReFT(nn.Module):
                 f"dropout={self.dropout}, backend={self.backend!r}")
 
 
-class _InterventionsModule(types.ModuleType):
-    """Makes ``reft_ext.interventions(model)`` (:func:`reft_ext.patch.interventions`, the
-    {layer index: module} map of a patched model) callable while ``reft_ext.interventions``
-    stays this module, so neither shadows the other."""
-
-    def __call__(self, model):
-        from .patch import interventions
-        return interventions(model)
+# name (patch()'s intervention=, a checkpoint's "intervention") -> class
+INTERVENTIONS = {"loreft": LoReFT, "direft": DiReFT}
 
 
-sys.modules[__name__].__class__ = _InterventionsModule
+def kind_of(module: nn.Module) -> str | None:
+    """The registered name of a built-in intervention's exact class, else None."""
+    return next((k for k, cls in INTERVENTIONS.items() if type(module) is cls), None)
+
+
+def build_intervention(intervention, d: int, rank: int, *, dtype: torch.dtype, device,
+                       dropout: float = 0.0, backend: str = "fused") -> nn.Module:
+    """One intervention module for patch(): ``intervention`` is a registered name
+    (case-insensitive) or a factory called as ``factory(d, rank, dtype=..., device=...)``."""
+    if isinstance(intervention, str):
+        cls = INTERVENTIONS.get(intervention.lower())
+        if cls is None:
+            raise ValueError(f"reft_ext.patch: intervention must be one of "
+                             f"{sorted(INTERVENTIONS)} or a factory, got {intervention!r}")
+        return cls(d, rank, dtype=dtype, device=device, dropout=dropout, backend=backend)
+    if not callable(intervention):
+        raise TypeError(f"reft_ext.patch: intervention must be a str or a callable, got "
+                        f"{type(intervention).__name__}")
+    return intervention(d, rank, dtype=dtype, device=device)
