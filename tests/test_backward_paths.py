@@ -126,3 +126,35 @@ def test_plain_eager_cpu_calls_skip_the_dispatcher(monkeypatch):
     for name, a, e in zip(("out", "dR", "dW", "db"), direct[:1] + direct[2:], via[:1] + via[2:]):
         assert_bitwise_equal(a, e, name)
     torch.testing.assert_close(direct[1], via[1], rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("env, path", [("1", "rows"), ("0", "dense")])
+def test_sparse_grad_environment_switch(env, path):
+    """REFT_EXT_SPARSE_GRAD=0 (read at import) turns the sparse gradient of h off: a plain
+    eager backward with few edited rows then takes the dense path, same values."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, reft_ext
+from reft_ext.ops import _grad_reuse
+from reft_ext.ops.reference import loreft_reference
+g = torch.randn(2, 12, 6, dtype=torch.float64)
+pos = torch.tensor([[0, 5, -1], [3, 7, 11]])
+with torch.no_grad():
+    print(_grad_reuse.backward_path(g, pos, True, True, True))
+grads = []
+for op in (reft_ext.loreft, loreft_reference):
+    h = torch.randn(2, 12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    leaf = h.requires_grad_()
+    R, W, b = (torch.randn(*s, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+               for s in ((2, 6), (2, 6), (2,)))
+    (op(leaf * 1.0, pos, R, W, b) * g).sum().backward()
+    grads.append(leaf.grad)
+torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, REFT_EXT_SPARSE_GRAD=env), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == path   # (an editable build may print first)
