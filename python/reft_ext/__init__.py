@@ -17,7 +17,7 @@ from .model.positions import (PositionSpec, parse_positions, positions_from_leng
                               positions_from_mask, positions_from_prompt)
 from .modules import DiReFT, LoReFT, orthonormal_rows
 from .ops import loreft, loreft_, loreft_reference, loreft_reference_
-from .io import CheckpointError, load, load_optimizer, load_pyreft, save
+from .checkpoint import CheckpointError, load, load_optimizer, load_pyreft, save
 
 # ``with reft_ext.positions(model, t):`` is the documented short name of use_positions.
 # A plain alias: no module is named reft_ext.positions (the spec helpers are in
@@ -38,6 +38,6 @@ def __getattr__(name):
     # reft_ext.ReftCheckpointCallback (a transformers.TrainerCallback) is built on first
     # use, so `import reft_ext` does not import transformers.
     if name == "ReftCheckpointCallback":
-        from . import io
-        return io.ReftCheckpointCallback
+        from .checkpoint.hf_trainer import ReftCheckpointCallback
+        return ReftCheckpointCallback
     raise AttributeError(f"module 'reft_ext' has no attribute {name!r}")

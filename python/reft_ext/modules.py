@@ -103,7 +103,36 @@ def _apply_dropout(h, positions, R, W, b, inplace, p):
     return out
 
 
-class LoReFT(nn.Module):
+class _Intervention(nn.Module):
+    """What LoReFT and DiReFT share: hyper-parameters, the bias b, and a forward through the
+    LoReFT edit with the (R, W) that a subclass's _edit_matrices() gives."""
+
+    def __init__(self, name: str, d: int, rank: int, dropout: float, backend: str):
+        super().__init__()
+        _check_common(name, d, rank, dropout, backend)
+        self.d, self.rank, self.dropout, self.backend = d, rank, float(dropout), backend
+
+    def _edit_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def b(self) -> torch.Tensor:
+        """(r,)."""
+        return self.bias
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor,
+                inplace: bool = True) -> torch.Tensor:
+        """h: (B, T, d); positions: (B, P) int64 with -1 for empty slots. See module doc."""
+        R, W = self._edit_matrices()
+        return _apply(h, positions, R, W, self.bias, inplace, self.backend, self.dropout,
+                      self.training)
+
+    def extra_repr(self) -> str:
+        return (f"d={self.d}, rank={self.rank}, dtype={self.weight.dtype}, "
+                f"dropout={self.dropout}, backend={self.backend!r}")
+
+
+class LoReFT(_Intervention):
     """LoReFT intervention Phi(h) = h + R^T (W h + b - R h) with orthonormal rows in R.
 
     Args:
@@ -130,10 +159,8 @@ class LoReFT(nn.Module):
 
     def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
                  device=None, dropout: float = 0.0, backend: str = "fused"):
-        super().__init__()
-        _check_common("LoReFT", d, rank, dropout, backend)
+        super().__init__("LoReFT", d, rank, dropout, backend)
         kw = dict(dtype=_default_dtype(dtype), device=device)
-        self.d, self.rank, self.dropout, self.backend = d, rank, float(dropout), backend
         self.rotate_raw = nn.Parameter(torch.empty(rank, d, **kw))
         self.weight = nn.Parameter(torch.empty(rank, d, **kw))
         self.bias = nn.Parameter(torch.empty(rank, **kw))
@@ -159,23 +186,11 @@ class LoReFT(nn.Module):
         """(r, d)."""
         return self.weight
 
-    @property
-    def b(self) -> torch.Tensor:
-        """(r,)."""
-        return self.bias
-
-    def forward(self, h: torch.Tensor, positions: torch.Tensor,
-                inplace: bool = True) -> torch.Tensor:
-        """h: (B, T, d); positions: (B, P) int64 with -1 for empty slots. See module doc."""
-        return _apply(h, positions, self.R, self.weight, self.bias, inplace, self.backend,
-                      self.dropout, self.training)
-
-    def extra_repr(self) -> str:
-        return (f"d={self.d}, rank={self.rank}, dtype={self.weight.dtype}, "
-                f"dropout={self.dropout}, backend={self.backend!r}")
+    def _edit_matrices(self):
+        return self.R, self.weight
 
 
-class DiReFT(nn.Module):
+class DiReFT(_Intervention):
     """DiReFT intervention Phi(h) = h + W2^T (W1 h + b): no orthogonality, no -R h term.
 
     It runs through the same LoReFT kernel by an exact algebraic identity: with R := W2 and
@@ -198,10 +213,8 @@ class DiReFT(nn.Module):
 
     def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
                  device=None, dropout: float = 0.0, backend: str = "fused"):
-        super().__init__()
-        _check_common("DiReFT", d, rank, dropout, backend)
+        super().__init__("DiReFT", d, rank, dropout, backend)
         kw = dict(dtype=_default_dtype(dtype), device=device)
-        self.d, self.rank, self.dropout, self.backend = d, rank, float(dropout), backend
         self.weight = nn.Parameter(torch.empty(rank, d, **kw))
         self.bias = nn.Parameter(torch.empty(rank, **kw))
         self.proj = nn.Parameter(torch.empty(rank, d, **kw))
@@ -223,20 +236,8 @@ class DiReFT(nn.Module):
         """(r, d)."""
         return self.proj
 
-    @property
-    def b(self) -> torch.Tensor:
-        """(r,)."""
-        return self.bias
-
-    def forward(self, h: torch.Tensor, positions: torch.Tensor,
-                inplace: bool = True) -> torch.Tensor:
-        """h: (B, T, d); positions: (B, P) int64 with -1 for empty slots. See module doc."""
-        return _apply(h, positions, self.proj, self.weight + self.proj, self.bias, inplace,
-                      self.backend, self.dropout, self.training)
-
-    def extra_repr(self) -> str:
-        return (f"d={self.d}, rank={self.rank}, dtype={self.weight.dtype}, "
-                f"dropout={self.dropout}, backend={self.backend!r}")
+    def _edit_matrices(self):
+        return self.proj, self.weight + self.proj      # R := W2, W := W1 + W2 (see above)
 
 
 # name (patch()'s intervention=, a checkpoint's "intervention") -> class
