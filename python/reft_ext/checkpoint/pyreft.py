@@ -164,6 +164,7 @@ def _pyreft_entries(reprs: list, cpath: Path) -> tuple[list, set]:
         entries.append((layer, rank, keys))
     return entries, paths
 
+
 def _read_pyvene_config(cpath: Path) -> tuple[dict, list, list[str], str]:
     """(config, representations, pyreft class name per representation, reft_ext kind)."""
     try:
