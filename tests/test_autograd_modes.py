@@ -409,7 +409,7 @@ def _two_forward_grads(model, batches, ckpt):
 def test_checkpointed_layer_calls_use_their_own_forwards_positions(reentrant, lengths):
     """Layer-call checkpointing (plain torch, transformers < 5.23): with two forwards before
     one backward, each recompute edits the rows of its own forward."""
-    from test_patch_util import PlainDecoder
+    from patch_helpers import PlainDecoder
     import torch.utils.checkpoint as cp
     torch.manual_seed(0)
     model = PlainDecoder()
@@ -443,7 +443,7 @@ def test_checkpointed_transformers_two_forwards_one_backward():
     CI runs this file again on 4.57, which checkpoints the layer call.)"""
     import copy
     import transformers
-    from test_patch_util import batch, build
+    from patch_helpers import batch, build
     model, _ = build("llama")
     model.train()
     torch.manual_seed(0)
@@ -494,7 +494,7 @@ def test_checkpoint_recompute_of_a_disabled_forward_stays_unedited(reentrant, mo
     """A forward under reft_ext.disabled(), then an edited one, then one backward: the first
     forward's recompute runs outside disabled() and must not edit either (gradients equal
     the unchecked run's)."""
-    from test_patch_util import PlainDecoder
+    from patch_helpers import PlainDecoder
     torch.manual_seed(0)
     model = PlainDecoder()
     reft_ext.patch(model, [0, 1], rank=2)

@@ -17,7 +17,7 @@ from torch import nn
 import reft_ext
 from reft_ext.checkpoint import CONFIG_NAME, OPTIMIZER_NAME, WEIGHTS_NAME, CheckpointError
 from _util import assert_bitwise_equal
-from test_patch_util import PlainDecoder, batch
+from patch_helpers import PlainDecoder, batch
 
 VOCAB = 97
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import reft_ext
-from test_patch_util import (HF_FAMILIES, ReferenceHooks, batch, build, call, loop_positions,
-                             params_of, to_tensor)
+from patch_helpers import (HF_FAMILIES, ReferenceHooks, batch, build, call, loop_positions,
+                           params_of, to_tensor)
 
 ALL_MODELS = HF_FAMILIES + ["plain", "encoder", "encoder_seq_first"]
 # fp32 everywhere: torch.testing.assert_close's own float32 defaults (rtol 1.3e-6, atol 1e-5)

@@ -30,7 +30,7 @@ import reft_ext
 from reft_ext.checkpoint import CheckpointError
 from _util import assert_bitwise_equal, assert_within_rule, make_positions
 from test_io import assert_same_snapshot, llama, snapshot
-from test_patch_util import batch
+from patch_helpers import batch
 
 D, R_ = 32, 4
 EPS32 = torch.finfo(torch.float32).eps

@@ -62,7 +62,7 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
             module docstring for how positions are resolved per forward.
         intervention: "loreft" (default), "direft", or a factory called as
             ``factory(d, rank, dtype=..., device=...)`` returning a module with
-            ``forward(h, positions, inplace=True)`` (see reft_ext.interventions).
+            ``forward(h, positions, inplace=True)`` (see reft_ext.modules).
         dtype: intervention parameter dtype; default float32 (also on a bf16/fp16 model),
             float64 on a float64 model.
         layer_path: dotted path of the layer container, to override discovery.

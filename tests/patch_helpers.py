@@ -1,7 +1,7 @@
 """Shared helpers for the patch tests: tiny random models and an independent reference.
 
 No tests here. The reference applies LoReFT with plain forward hooks and
-reft_ext.reference.loreft_reference (out of place), with positions from a Python loop, so
+reft_ext.ops.reference.loreft_reference (out of place), with positions from a Python loop, so
 it shares nothing with reft_ext.patch except the R, W, b values it is given.
 """
 from __future__ import annotations
