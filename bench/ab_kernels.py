@@ -81,15 +81,15 @@ def main(argv=None) -> int:
                         if cold:
                             evict.mul_(1.0)
                         t0 = time.perf_counter()
-                        lib.forward_cpu(*args_p, *_marshal.rows(h), *_marshal.rows(saved),
+                        lib.forward_cpu(args_p, _marshal.rows(h), _marshal.rows(saved),
                                         coef.data_ptr())
                         t1 = time.perf_counter()
                         if cold:
                             evict.mul_(1.0)
                         t2 = time.perf_counter()
-                        lib.backward_cpu(*args_p, *_marshal.rows(g), *_marshal.rows(saved), True,
+                        lib.backward_cpu(args_p, _marshal.rows(g), _marshal.rows(saved), True,
                                          coef.data_ptr(), *(t.data_ptr() for t in grads),
-                                         0, 0, 0)
+                                         _marshal.NO_ROWS)
                         t3 = time.perf_counter()
                         suffix = " cold" if cold else ""
                         times.setdefault(("fwd" + suffix, name), []).append(t1 - t0)

@@ -11,16 +11,16 @@ from .. import _native
 from . import _library  # noqa: F401  (defines the ops registered here)
 from ._checks import acc_dtype, check_inplace_layout
 from ._library import coef_buffer
-from ._marshal import (bump_version, contig_params, inner_contiguous, param_grad_buffers,
-                       param_grads, problem, raise_if, rows)
+from ._marshal import (NO_ROWS, bump_version, contig_params, inner_contiguous,
+                       param_grad_buffers, param_grads, problem, raise_if, rows)
 
 
 @torch.library.impl("reft_ext::loreft_fwd", "cpu")
 def _fwd_cpu(h, positions, R, W, b):
     R, W, b = contig_params(R, W, b)
     out = h.clone(memory_format=torch.contiguous_format)
-    raise_if("loreft", _native.lib().forward_cpu(*problem(h, positions, R, W, b),
-                                                 *rows(out), 0, 0, 0, 0))
+    raise_if("loreft", _native.lib().forward_cpu(problem(h, positions, R, W, b), rows(out),
+                                                 NO_ROWS, 0))
     return out
 
 
@@ -33,10 +33,10 @@ def fwd_inplace_cpu(h, positions, R, W, b, save_rows):
     # Empty, not zeros: the kernel writes every slot of saved (zeros for -1 slots), so the
     # op never returns uninitialised memory (opcheck's AOT check would catch it).
     saved = h.new_empty((B, P, d) if save_rows else (0,))
-    saved_rows = rows(saved) if save_rows else (0, 0, 0)
+    saved_rows = rows(saved) if save_rows else NO_ROWS
     coef = coef_buffer(h, positions, R, save_rows)
-    raise_if("loreft_", _native.lib().forward_cpu(*problem(h, positions, R, W, b),
-                                                  *rows(h), *saved_rows,
+    raise_if("loreft_", _native.lib().forward_cpu(problem(h, positions, R, W, b),
+                                                  rows(h), saved_rows,
                                                   coef.data_ptr() if save_rows else 0))
     bump_version(h)
     return saved, coef
@@ -60,20 +60,20 @@ def _coef_ptr(coef, grad, positions, R) -> int:
 
 def _backward_cpu(g, positions, x, x_gathered, R, W, b, coef, delta_rows):
     """One backward_cpu call reading g's selected rows: dx into g's rows when delta_rows is
-    (0, 0, 0), else the corrections dx - g into delta_rows' buffer. Returns dR, dW, db."""
+    NO_ROWS, else the corrections dx - g into delta_rows' buffer. Returns dR, dW, db."""
     coef_ptr = _coef_ptr(coef, g, positions, R)
     Rc, Wc, bc = contig_params(R, W, b)
     x = inner_contiguous(x)
     bufs = param_grad_buffers(R, x)
-    _native.lib().backward_cpu(*problem(g, positions, Rc, Wc, bc), *rows(g), *rows(x),
+    _native.lib().backward_cpu(problem(g, positions, Rc, Wc, bc), rows(g), rows(x),
                                x_gathered, coef_ptr, *(t.data_ptr() for t in bufs),
-                               *delta_rows)
+                               delta_rows)
     return param_grads(bufs, R, W, b)
 
 
 def bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef=None):
     """Overwrites grad_h's selected rows (holding g) with dx; returns dR, dW, db."""
-    return _backward_cpu(grad_h, positions, x, x_gathered, R, W, b, coef, (0, 0, 0))
+    return _backward_cpu(grad_h, positions, x, x_gathered, R, W, b, coef, NO_ROWS)
 
 
 @torch.library.impl("reft_ext::loreft_bwd", "cpu")

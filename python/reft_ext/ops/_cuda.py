@@ -11,8 +11,8 @@ from .._build import cuda_problem
 from . import _library  # noqa: F401  (defines the ops registered here)
 from ._checks import check_inplace_layout
 from ._library import coef_buffer
-from ._marshal import (bump_version, contig_params, inner_contiguous, param_grad_buffers,
-                       param_grads, problem, raise_if, rows)
+from ._marshal import (NO_ROWS, bump_version, contig_params, inner_contiguous,
+                       param_grad_buffers, param_grads, problem, raise_if, rows)
 
 
 def cuda_lib(op: str, device: torch.device):
@@ -49,8 +49,8 @@ def _forward_cuda(op, h, positions, R, W, b, inplace, save_rows):
         saved = (h.new_empty((B, positions.shape[1], d) if save_rows else (0,)) if inplace
                  else None)
         out = h if inplace else h.clone(memory_format=torch.contiguous_format)
-        lib.forward_cuda(*problem(h, positions, R, W, b, stream), *rows(out),
-                         *(rows(saved) if save_rows else (0, 0, 0)),
+        lib.forward_cuda(problem(h, positions, R, W, b, stream), rows(out),
+                         rows(saved) if save_rows else NO_ROWS,
                          skip.data_ptr() if skip is not None else 0)
     return out, saved
 
@@ -78,10 +78,10 @@ def _bwd_cuda_into(g, grad_h, positions, x, x_gathered, R, W, b):
         x = inner_contiguous(x)
         bufs = param_grad_buffers(R, x)
         stream = torch.cuda.current_stream(grad_h.device).cuda_stream
-        args = problem(grad_h, positions, Rc, Wc, bc, stream)
-        ws_bytes = lib.backward_cuda_workspace(*args)
+        prob = problem(grad_h, positions, Rc, Wc, bc, stream)
+        ws_bytes = lib.backward_cuda_workspace(prob)
         ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=grad_h.device)
-        lib.backward_cuda(*args, *rows(g), *rows(grad_h), *rows(x), x_gathered,
+        lib.backward_cuda(prob, rows(g), rows(grad_h), rows(x), x_gathered,
                           *(t.data_ptr() for t in bufs), ws.data_ptr(), ws_bytes)
     return param_grads(bufs, R, W, b)
 
@@ -147,12 +147,12 @@ def _validate_positions_cuda(op, lib, h, positions, R, W, b, stream):
                 and t_ok == T:
             return None
     status = torch.zeros((1,), dtype=torch.int32, device=h.device)
-    lib.check_positions_cuda(*problem(h, positions, R, W, b, stream), status.data_ptr())
+    lib.check_positions_cuda(problem(h, positions, R, W, b, stream), status.data_ptr())
     if capturing:
         return status
     if int(status.item()):  # one sync: an invalid edit must raise before any write
         # The CPU checker finds and words the offending entry; it reads only the positions.
-        raise_if(op, _native.lib().check_positions_cpu(*problem(h, positions.cpu(), R, W, b)))
+        raise_if(op, _native.lib().check_positions_cpu(problem(h, positions.cpu(), R, W, b)))
         raise ValueError(f"reft_ext.{op}: invalid positions")
     if trackable:
         _last_valid_positions = (weakref.ref(positions), positions._version, T)

@@ -1,10 +1,16 @@
-"""Argument marshalling for the native module reft_ext._C: how a LoReFT problem (sizes,
-dtype codes, data pointers, strides, threads, stream) is handed to csrc/bindings.cpp, and
-the buffers the kernels write into. Shared by the CPU and CUDA implementations."""
+"""Argument marshalling for the native module reft_ext._C: a LoReFT problem handed to
+csrc/bindings.cpp as a described problem (a namedtuple of the fields _C.PROBLEM_FIELDS
+names, each set by keyword: sizes, dtype codes, data pointers, strides, threads, stream)
+and rows as (data, stride_b, stride_t), and the buffers the kernels write into. Shared by
+the CPU and CUDA implementations."""
 from __future__ import annotations
+
+import collections
+import functools
 
 import torch
 
+from .. import _native
 from ._checks import acc_dtype
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -15,19 +21,30 @@ def inner_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def rows(t: torch.Tensor):
-    """(data pointer, stride of dim 0, stride of dim 1) of a (B, T or P, d) tensor."""
+def rows(t: torch.Tensor) -> tuple[int, int, int]:
+    """Rows of a (B, T or P, d) tensor for _C: (data pointer, stride of dim 0, of dim 1)."""
     return (t.data_ptr(), t.stride(0), t.stride(1))
 
 
+NO_ROWS = (0, 0, 0)   # rows of no tensor: an optional output the kernel skips
+
+
+@functools.lru_cache(maxsize=None)
+def _problem_type():
+    # The field order is defined once, in csrc/bindings.cpp, and read from there.
+    return collections.namedtuple("Problem", _native.lib().PROBLEM_FIELDS)
+
+
 def problem(h, positions, R, W, b, stream: int = 0):
-    """The leading arguments of every _C entry point (see csrc/bindings.cpp)."""
+    """The described problem of a LoReFT call on these tensors (see csrc/reft_core.h)."""
     B, T, d = h.shape
-    return ((B, T, positions.shape[1], d, R.shape[0]), DTYPE_CODE[h.dtype],
-            positions.data_ptr(), positions.dtype == torch.int64,
-            positions.stride(0), positions.stride(1),
-            R.data_ptr(), DTYPE_CODE[R.dtype], W.data_ptr(), DTYPE_CODE[W.dtype],
-            b.data_ptr(), DTYPE_CODE[b.dtype], torch.get_num_threads(), stream)
+    return _problem_type()(
+        B=B, T=T, P=positions.shape[1], d=d, r=R.shape[0], h_dtype=DTYPE_CODE[h.dtype],
+        pos=positions.data_ptr(), pos_int64=positions.dtype == torch.int64,
+        pos_stride_b=positions.stride(0), pos_stride_p=positions.stride(1),
+        R=R.data_ptr(), R_dtype=DTYPE_CODE[R.dtype], W=W.data_ptr(),
+        W_dtype=DTYPE_CODE[W.dtype], b=b.data_ptr(), b_dtype=DTYPE_CODE[b.dtype],
+        num_threads=torch.get_num_threads(), stream=stream)
 
 
 def contig_params(R, W, b):
