@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from reft_ext import _ops  # noqa: E402
+from reft_ext.ops import _marshal  # noqa: E402
 
 
 def load_build(name: str, path: str):
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         grads = [torch.empty(r, d), torch.empty(r, d), torch.empty(r)]
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            args_p = _ops._problem(h, pos, R, W, b)
+            args_p = _marshal.problem(h, pos, R, W, b)
             times = {}
             for _ in range(args.reps):
                 for name, lib in libs.items():
@@ -81,15 +81,15 @@ def main(argv=None) -> int:
                         if cold:
                             evict.mul_(1.0)
                         t0 = time.perf_counter()
-                        lib.forward_cpu(*args_p, *_ops._rows(h), *_ops._rows(saved),
+                        lib.forward_cpu(args_p, _marshal.rows(h), _marshal.rows(saved),
                                         coef.data_ptr())
                         t1 = time.perf_counter()
                         if cold:
                             evict.mul_(1.0)
                         t2 = time.perf_counter()
-                        lib.backward_cpu(*args_p, *_ops._rows(g), *_ops._rows(saved), True,
+                        lib.backward_cpu(args_p, _marshal.rows(g), _marshal.rows(saved), True,
                                          coef.data_ptr(), *(t.data_ptr() for t in grads),
-                                         0, 0, 0)
+                                         _marshal.NO_ROWS)
                         t3 = time.perf_counter()
                         suffix = " cold" if cold else ""
                         times.setdefault(("fwd" + suffix, name), []).append(t1 - t0)

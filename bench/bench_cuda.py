@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import reft_ext  # noqa: E402
-from reft_ext.reference import loreft_reference  # noqa: E402
+from reft_ext.ops.reference import loreft_reference  # noqa: E402
 
 DEV = "cuda"
 

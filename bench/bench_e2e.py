@@ -9,7 +9,7 @@ Providers, all measured in the same run:
   floor         the frozen model alone: forward + loss + backward
   fused         patch(): QR R and the fused op (reft_ext.loreft_)
   eager-qr      patch(backend="reference"): reft_ext's QR-orthonormalised R and the
-                pure-PyTorch reference edit (reft_ext.reference)
+                pure-PyTorch reference edit (reft_ext.ops.reference)
   pyreft-style  patch() with a pyreft-style intervention: R under
                 torch.nn.utils.parametrizations.orthogonal (read twice per forward, as
                 pyreft's LoreftIntervention does) and eager gather/matmul/scatter

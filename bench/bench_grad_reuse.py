@@ -2,11 +2,11 @@
 interleaved in one run (common.measure_interleaved).
 
   sparse    the shipped rule: h's gradient is g plus a sparse row correction, summed by
-            autograd, in place into g when autograd alone holds it (functional.py)
-  dense     the same with REFT_EXT_SPARSE_GRAD=0 (functional.SPARSE_GRAD = False): a dense
+            autograd, in place into g when autograd alone holds it (ops/_grad_reuse.py)
+  dense     the same with REFT_EXT_SPARSE_GRAD=0 (_grad_reuse.SPARSE_GRAD = False): a dense
             (B, T, d) copy of g with dx at the edited rows
   write-g   the rule of earlier releases, kept here only to measure it: dx written into g
-            itself whenever reference counts looked owned (_ops._bwd_cpu_into on g). It was
+            itself whenever reference counts looked owned (_cpu.bwd_cpu_into on g). It was
             wrong when a hook or the caller held g (issue: gradients exact in every mode),
             so this is the cost of being exact, not an option of the library.
 
@@ -30,10 +30,10 @@ import bench_op  # noqa: E402
 import common  # noqa: E402
 
 import reft_ext  # noqa: E402
-from reft_ext import _ops, functional  # noqa: E402
-from reft_ext.reference import loreft_reference, loreft_reference_  # noqa: E402
+from reft_ext.ops import _cpu, _grad_reuse, autograd  # noqa: E402
+from reft_ext.ops.reference import loreft_reference, loreft_reference_  # noqa: E402
 
-_real_backward = functional._backward
+_real_backward = autograd._backward
 
 
 def _write_g_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=None,
@@ -43,7 +43,7 @@ def _write_g_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=None,
     if (grad.device.type != "cpu" or not grad.is_contiguous() or grad.dtype != x.dtype
             or not need[0] or torch.is_grad_enabled()):
         return _real_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef, sparse_ok)
-    dR, dW, db = _ops._bwd_cpu_into(grad, positions, x, x_gathered, R, W, b, coef)
+    dR, dW, db = _cpu.bwd_cpu_into(grad, positions, x, x_gathered, R, W, b, coef)
     two_h = len(need) == 6
     return (grad, *((None,) if two_h else ()), None, dR, dW, db)
 
@@ -53,14 +53,14 @@ def _run_with(strategy):
     restores the shipped one."""
     def wrap(timed):
         def call(state):
-            functional.SPARSE_GRAD = strategy != "dense"
-            functional._backward = (_write_g_backward if strategy == "write-g"
+            _grad_reuse.SPARSE_GRAD = strategy != "dense"
+            autograd._backward = (_write_g_backward if strategy == "write-g"
                                     else _real_backward)
             try:
                 return timed(state)
             finally:
-                functional.SPARSE_GRAD = True
-                functional._backward = _real_backward
+                _grad_reuse.SPARSE_GRAD = True
+                autograd._backward = _real_backward
         return call
     return wrap
 

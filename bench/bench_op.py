@@ -8,7 +8,7 @@ Modes: fwd (forward with autograd recording), bwd (backward alone), fwd+bwd. h i
 non-leaf tensor requiring grad each repeat (made untimed), parameters require grad, as in
 training. The incoming gradient is, as in training, a fresh tensor that the layer above
 hands to autograd and nobody else holds (autograd then adds reft_ext's sparse row
-correction into it in place: see functional.py); the modes "bwd, caller's grad" and "fwd+bwd, caller's grad" pass a
+correction into it in place: see ops/_grad_reuse.py); the modes "bwd, caller's grad" and "fwd+bwd, caller's grad" pass a
 gradient the caller keeps (out.backward(grad)), which autograd must copy; with it, the
 "copy floor": the two fresh (B, T, d) copies that form requires of any implementation. Within
 each mode the providers take turns, one repeat each per round (common.measure_interleaved),
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import reft_ext  # noqa: E402
-from reft_ext.reference import loreft_reference, loreft_reference_  # noqa: E402
+from reft_ext.ops.reference import loreft_reference, loreft_reference_  # noqa: E402
 
 PROVIDERS = {
     "fused": reft_ext.loreft,

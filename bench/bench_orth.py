@@ -3,7 +3,7 @@
 pyreft keeps its rotation as a (d, r) Linear weight under torch's default `orthogonal`
 parametrisation (householder map for a non-square matrix, with trivialisation: a d x d
 `base` buffer). reft_ext keeps an unconstrained (r, d) parameter and orthonormalises it by a
-sign-fixed thin QR (reft_ext.interventions.orthonormal_rows), once per forward.
+sign-fixed thin QR (reft_ext.modules.orthonormal_rows), once per forward.
 
 Per provider, at d=4096, r=8 (LLaMA-7B width) on 2 threads:
   * time of one forward + backward of the map (materialise R, backprop a random cotangent),
@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from reft_ext.interventions import orthonormal_rows  # noqa: E402
+from reft_ext.modules import orthonormal_rows  # noqa: E402
 
 
 class QRRotation(nn.Module):

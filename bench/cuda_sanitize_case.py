@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import reft_ext
-from reft_ext.reference import loreft_reference
+from reft_ext.ops.reference import loreft_reference
 
 DEV = "cuda"
 

@@ -28,8 +28,8 @@ LEGEND = {
     "fused": "`reft_ext.loreft` (fused kernels, out of place: includes a (B, T, d) copy)",
     "compiled_": "`torch.compile(loreft_reference_)` (default inductor; compile time excluded)",
     "compiled": "`torch.compile(loreft_reference)`",
-    "eager_": "`reft_ext.reference.loreft_reference_` (eager gather, matmuls, index_put_)",
-    "eager": "`reft_ext.reference.loreft_reference` (the same on a clone)",
+    "eager_": "`reft_ext.loreft_reference_` (eager gather, matmuls, index_put_)",
+    "eager": "`reft_ext.loreft_reference` (the same on a clone)",
     "pyreft-style": "pyreft's formulation: the same math with R under "
                     "`torch.nn.utils.parametrizations.orthogonal`, materialised from its "
                     "parametrisation in every call as pyreft does (bench_e2e.PyreftStyleLoReFT); "

@@ -12,7 +12,7 @@ machine is a slug of the CPU/GPU name) and renders <out>/README.md with tables a
 
 Parts (--only op,orth,e2e,cuda to run some):
   op    LoReFT alone, providers side by side (report.LEGEND): fused_/fused (reft_ext),
-        eager_/eager (reft_ext.reference), compiled_/compiled (the reference under
+        eager_/eager (reft_ext.ops.reference), compiled_/compiled (the reference under
         torch.compile, default inductor, warmed up so compile time is excluded; a failure
         becomes an error row), pyreft-style (bench_e2e.PyreftStyleLoReFT), pyreft (when
         importable, else a skipped row). B=8 T=512 d=4096 r=8, float32 and bfloat16 h with
@@ -49,7 +49,7 @@ import common  # noqa: E402
 import report  # noqa: E402
 
 import reft_ext  # noqa: E402
-from reft_ext.reference import loreft_reference, loreft_reference_  # noqa: E402
+from reft_ext.ops.reference import loreft_reference, loreft_reference_  # noqa: E402
 
 ALL_MODES = ("fwd", "bwd", "fwd+bwd")
 

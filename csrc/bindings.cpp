@@ -1,9 +1,14 @@
-// The thin pybind11 module reft_ext._C. Tensors cross this boundary as integers (data
-// pointers), sizes, strides and dtype codes; reft_ext/_ops.py builds them from torch
-// tensors and has already checked shapes, dtypes and devices.
+// The thin pybind11 module reft_ext._C. Tensors cross this boundary as a described
+// problem: a reft::Problem arrives as a tuple of named fields, in the order PROBLEM_FIELDS
+// lists (reft_ext/ops/_marshal.py builds a namedtuple of those names, by keyword, from
+// torch tensors after checking shapes, dtypes and devices), and each reft::Rows as
+// (data, stride_b, stride_t). So no entry point takes a long positional list in which a
+// swapped stride or dtype code would pass for another argument. A tuple, not a bound
+// class: pybind11's keyword constructor of a class costs several times more per call,
+// and the ops call this per layer per step.
 #include <pybind11/pybind11.h>
 
-#include <stdexcept>
+#include <cstdint>
 #include <string>
 
 #include "reft_core.h"
@@ -14,58 +19,100 @@ using reft::Rows;
 
 namespace {
 
+// The fields of a Problem, in the order they arrive; the enum indexes this list.
+constexpr const char* kProblemFields[] = {
+    "B", "T", "P", "d", "r", "h_dtype", "pos", "pos_int64", "pos_stride_b", "pos_stride_p",
+    "R", "R_dtype", "W", "W_dtype", "b", "b_dtype", "num_threads", "stream"};
+enum ProblemField : int {
+  kB, kT, kP, kD, kR, kHDtype, kPos, kPosInt64, kPosStrideB, kPosStrideP,
+  kRPtr, kRDtype, kWPtr, kWDtype, kBPtr, kBDtype, kNumThreads, kStream, kNumProblemFields
+};
+static_assert(sizeof(kProblemFields) / sizeof(kProblemFields[0]) == kNumProblemFields,
+              "one name per Problem field");
+
 void* as_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
-// Problem description, shared by every entry point.
-Problem make_problem(py::tuple sizes, int h_dtype, uintptr_t pos, bool pos_int64,
-                     int64_t pos_sb, int64_t pos_sp, uintptr_t R, int R_dtype, uintptr_t W,
-                     int W_dtype, uintptr_t b, int b_dtype, int num_threads, uintptr_t stream) {
-  if (sizes.size() != 5) throw std::invalid_argument("sizes must be (B, T, P, d, r)");
-  Problem p;
-  p.B = sizes[0].cast<int64_t>();
-  p.T = sizes[1].cast<int64_t>();
-  p.P = sizes[2].cast<int64_t>();
-  p.d = sizes[3].cast<int64_t>();
-  p.r = sizes[4].cast<int64_t>();
-  p.h_dtype = h_dtype;
-  p.pos = {reinterpret_cast<const void*>(pos), pos_int64, pos_sb, pos_sp};
-  p.params = {as_ptr(R), R_dtype, as_ptr(W), W_dtype, as_ptr(b), b_dtype};
-  p.num_threads = num_threads;
-  p.stream = as_ptr(stream);
-  return p;
+// Reads a tuple of n Python ints; false (and no Python error left) if it is not one.
+template <int n, typename F>
+bool read_ints(py::handle src, F&& store) {
+  PyObject* t = src.ptr();
+  if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != n) return false;
+  for (int i = 0; i < n; ++i) {
+    PyObject* v = PyTuple_GET_ITEM(t, i);
+    if (!PyLong_Check(v)) return false;
+    long long x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred()) {  // a pointer above 2^63: read it unsigned
+      PyErr_Clear();
+      x = static_cast<long long>(PyLong_AsUnsignedLongLong(v));
+      if (PyErr_Occurred()) { PyErr_Clear(); return false; }
+    }
+    store(i, static_cast<int64_t>(x));
+  }
+  return true;
 }
-
-#define PROBLEM_ARGS                                                                   \
-  py::tuple sizes, int h_dtype, uintptr_t pos, bool pos_int64, int64_t pos_sb,         \
-      int64_t pos_sp, uintptr_t R, int R_dtype, uintptr_t W, int W_dtype, uintptr_t b, \
-      int b_dtype, int num_threads, uintptr_t stream
-#define PROBLEM                                                                        \
-  make_problem(sizes, h_dtype, pos, pos_int64, pos_sb, pos_sp, R, R_dtype, W, W_dtype, \
-               b, b_dtype, num_threads, stream)
 
 }  // namespace
 
+namespace pybind11 {
+namespace detail {
+
+template <>
+struct type_caster<Problem> {
+  PYBIND11_TYPE_CASTER(Problem, const_name("Problem"));
+  bool load(handle src, bool) {
+    int64_t f[kNumProblemFields];
+    if (!read_ints<kNumProblemFields>(src, [&](int i, int64_t x) { f[i] = x; })) return false;
+    auto ptr = [&](int i) { return as_ptr(static_cast<uintptr_t>(f[i])); };
+    value.B = f[kB]; value.T = f[kT]; value.P = f[kP]; value.d = f[kD]; value.r = f[kR];
+    value.h_dtype = static_cast<int>(f[kHDtype]);
+    value.pos = {ptr(kPos), f[kPosInt64] != 0, f[kPosStrideB], f[kPosStrideP]};
+    value.params = {ptr(kRPtr), static_cast<int>(f[kRDtype]), ptr(kWPtr),
+                    static_cast<int>(f[kWDtype]), ptr(kBPtr), static_cast<int>(f[kBDtype])};
+    value.num_threads = static_cast<int>(f[kNumThreads]);
+    value.stream = ptr(kStream);
+    return true;
+  }
+  static handle cast(const Problem&, return_value_policy, handle) {
+    throw cast_error("reft_ext._C: a Problem is never returned to Python");
+  }
+};
+
+template <>
+struct type_caster<Rows> {
+  PYBIND11_TYPE_CASTER(Rows, const_name("Rows"));
+  bool load(handle src, bool) {  // (data, stride_b, stride_t); (0, 0, 0): no tensor
+    int64_t f[3];
+    if (!read_ints<3>(src, [&](int i, int64_t x) { f[i] = x; })) return false;
+    value = Rows{as_ptr(static_cast<uintptr_t>(f[0])), f[1], f[2]};
+    return true;
+  }
+  static handle cast(const Rows&, return_value_policy, handle) {
+    throw cast_error("reft_ext._C: Rows are never returned to Python");
+  }
+};
+
+}  // namespace detail
+}  // namespace pybind11
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "reft_ext native kernels (private; use reft_ext.loreft / reft_ext.loreft_)";
+  py::tuple fields(static_cast<size_t>(kNumProblemFields));
+  for (int i = 0; i < kNumProblemFields; ++i) fields[i] = py::str(kProblemFields[i]);
+  m.attr("PROBLEM_FIELDS") = fields;
 
   // Validates the positions' values, then edits; returns '' or why nothing was written.
   // coef: 0, or a contiguous (B, P, r) buffer of the accumulation type for z.
-  m.def("forward_cpu", [](PROBLEM_ARGS, uintptr_t io, int64_t io_sb, int64_t io_st,
-                          uintptr_t saved, int64_t saved_sb, int64_t saved_st,
-                          uintptr_t coef) {
-    Problem p = PROBLEM;
+  m.def("forward_cpu", [](const Problem& p, Rows io, Rows saved, uintptr_t coef) {
     char msg[256] = {0};
     {
       py::gil_scoped_release release;
       if (reft::check_positions_cpu(p, msg, sizeof(msg)))
-        reft::loreft_forward_cpu(p, Rows{as_ptr(io), io_sb, io_st},
-                                 Rows{as_ptr(saved), saved_sb, saved_st}, as_ptr(coef));
+        reft::loreft_forward_cpu(p, io, saved, as_ptr(coef));
     }
     return std::string(msg);
-  });
+  }, py::arg("problem"), py::arg("io"), py::arg("saved"), py::arg("coef"));
 
-  m.def("check_positions_cpu", [](PROBLEM_ARGS) {
-    Problem p = PROBLEM;
+  m.def("check_positions_cpu", [](const Problem& p) {
     char msg[256] = {0};
     py::gil_scoped_release release;
     reft::check_positions_cpu(p, msg, sizeof(msg));
@@ -74,16 +121,14 @@ PYBIND11_MODULE(_C, m) {
 
   // coef: 0, or forward_cpu's coef for these x and parameters (z is then not recomputed).
   // delta: 0 (dx written into gio), or (B, P, d) rows receiving dx - g (gio only read).
-  m.def("backward_cpu", [](PROBLEM_ARGS, uintptr_t gio, int64_t g_sb, int64_t g_st,
-                           uintptr_t x, int64_t x_sb, int64_t x_st, bool x_gathered,
+  m.def("backward_cpu", [](const Problem& p, Rows gio, Rows x, bool x_gathered,
                            uintptr_t coef, uintptr_t dR, uintptr_t dW, uintptr_t db,
-                           uintptr_t delta, int64_t delta_sb, int64_t delta_st) {
-    Problem p = PROBLEM;
+                           Rows delta) {
     py::gil_scoped_release release;
-    reft::loreft_backward_cpu(p, Rows{as_ptr(gio), g_sb, g_st}, Rows{as_ptr(x), x_sb, x_st},
-                              x_gathered, reinterpret_cast<const void*>(coef), as_ptr(dR),
-                              as_ptr(dW), as_ptr(db), Rows{as_ptr(delta), delta_sb, delta_st});
-  });
+    reft::loreft_backward_cpu(p, gio, x, x_gathered, reinterpret_cast<const void*>(coef),
+                              as_ptr(dR), as_ptr(dW), as_ptr(db), delta);
+  }, py::arg("problem"), py::arg("gio"), py::arg("x"), py::arg("x_gathered"),
+     py::arg("coef"), py::arg("dR"), py::arg("dW"), py::arg("db"), py::arg("delta"));
 
   m.def("cpu_isa", &reft::cpu_isa, "Instruction set of the CPU kernels on this machine.");
   m.attr("cxx_compiler") = std::string(REFT_EXT_CXX_COMPILER);
@@ -100,33 +145,25 @@ PYBIND11_MODULE(_C, m) {
     int err = reft::cuda_device_count(&count, msg, sizeof(msg));
     return py::make_tuple(err, count, std::string(msg));
   });
-  m.def("check_positions_cuda", [](PROBLEM_ARGS, uintptr_t status) {
-    Problem p = PROBLEM;
+  m.def("check_positions_cuda", [](const Problem& p, uintptr_t status) {
     reft::check_positions_cuda(p, reinterpret_cast<int32_t*>(status));
   });
   m.attr("cuda_max_rank") = reft::kCudaMaxRank;
   // skip: 0 once positions were seen valid, else the device status of check_positions_cuda.
-  m.def("forward_cuda", [](PROBLEM_ARGS, uintptr_t io, int64_t io_sb, int64_t io_st,
-                           uintptr_t saved, int64_t saved_sb, int64_t saved_st,
-                           uintptr_t skip) {
-    Problem p = PROBLEM;
-    reft::loreft_forward_cuda(p, Rows{as_ptr(io), io_sb, io_st},
-                              Rows{as_ptr(saved), saved_sb, saved_st},
-                              reinterpret_cast<const int32_t*>(skip));
-  });
-  m.def("backward_cuda_workspace", [](PROBLEM_ARGS) {
-    return reft::loreft_backward_cuda_workspace(PROBLEM);
+  m.def("forward_cuda", [](const Problem& p, Rows io, Rows saved, uintptr_t skip) {
+    reft::loreft_forward_cuda(p, io, saved, reinterpret_cast<const int32_t*>(skip));
+  }, py::arg("problem"), py::arg("io"), py::arg("saved"), py::arg("skip"));
+  m.def("backward_cuda_workspace", [](const Problem& p) {
+    return reft::loreft_backward_cuda_workspace(p);
   });
   // g (read) and dx (written at the selected rows) must be different buffers.
-  m.def("backward_cuda", [](PROBLEM_ARGS, uintptr_t g, int64_t g_sb, int64_t g_st,
-                            uintptr_t dx, int64_t dx_sb, int64_t dx_st, uintptr_t x,
-                            int64_t x_sb, int64_t x_st, bool x_gathered, uintptr_t dR,
-                            uintptr_t dW, uintptr_t db, uintptr_t ws, int64_t ws_bytes) {
-    Problem p = PROBLEM;
-    reft::loreft_backward_cuda(p, Rows{as_ptr(g), g_sb, g_st}, Rows{as_ptr(dx), dx_sb, dx_st},
-                               Rows{as_ptr(x), x_sb, x_st}, x_gathered, as_ptr(dR),
-                               as_ptr(dW), as_ptr(db), as_ptr(ws), ws_bytes);
-  });
+  m.def("backward_cuda", [](const Problem& p, Rows g, Rows dx, Rows x, bool x_gathered,
+                            uintptr_t dR, uintptr_t dW, uintptr_t db, uintptr_t ws,
+                            int64_t ws_bytes) {
+    reft::loreft_backward_cuda(p, g, dx, x, x_gathered, as_ptr(dR), as_ptr(dW), as_ptr(db),
+                               as_ptr(ws), ws_bytes);
+  }, py::arg("problem"), py::arg("g"), py::arg("dx"), py::arg("x"), py::arg("x_gathered"),
+     py::arg("dR"), py::arg("dW"), py::arg("db"), py::arg("ws"), py::arg("ws_bytes"));
 #else
   m.attr("has_cuda") = false;
   m.attr("cuda_archs") = std::string();

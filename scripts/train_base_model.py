@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
-from reft_ext._bytetok import ByteTokenizer  # noqa: E402
+from reft_ext.cli._bytetok import ByteTokenizer  # noqa: E402
 
 DATA = ROOT / "python" / "reft_ext" / "data"
 

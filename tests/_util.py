@@ -6,7 +6,7 @@ Tolerance rule (the only one in this test suite; see `assert_within_rule`):
     err_torch = max |torch_same - ref64|
     err_fused <= 2 * err_torch + FLOOR_ULPS[dtype] * eps(dtype) * max(1, max |ref64|)
 
-where ref64 is `reft_ext.reference.loreft_reference` run in float64 on the CPU (inputs
+where ref64 is `reft_ext.ops.reference.loreft_reference` run in float64 on the CPU (inputs
 converted exactly with .double(): the ground truth for the very same input values), and
 torch_same is the same pure-PyTorch reference run in the dtypes under test, on the device
 under test. The fused op may be at most twice as wrong as PyTorch itself in that dtype (the
@@ -34,7 +34,7 @@ import torch
 
 import reft_ext
 from reft_ext import _native
-from reft_ext.reference import loreft_reference
+from reft_ext.ops.reference import loreft_reference
 
 FLOOR_ULPS = {torch.float32: 4, torch.bfloat16: 4, torch.float16: 4, torch.float64: 16}
 

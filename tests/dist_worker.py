@@ -87,9 +87,9 @@ def _wrap(model, mode):
 
 def _full_params(model):
     out = {}
-    for n, p in reft_ext.io._unwrap(model)[0].named_parameters():
+    for n, p in reft_ext.checkpoint._dist.unwrap(model)[0].named_parameters():
         if n.startswith("reft_interventions."):
-            out[n] = reft_ext.io._full(p).clone()
+            out[n] = reft_ext.checkpoint._dist.full(p).clone()
     return out
 
 
@@ -116,7 +116,7 @@ def main(out: Path) -> None:
         fresh = _wrap(build_model(seed=1), mode)
         ck = out / f"{mode}_step{RESUME_AT}"
         reft_ext.load(fresh, ck)
-        saved = load_file(ck / reft_ext.io.WEIGHTS_NAME)
+        saved = load_file(ck / reft_ext.checkpoint.WEIGHTS_NAME)
         names = {"rotate_raw": "rotate_raw", "weight": "W", "bias": "b"}
         for n, v in _full_params(fresh).items():       # the loaded shards make up the file
             _, i, pname = n.split(".")

@@ -19,8 +19,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import reft_ext
-from reft_ext import functional
-from reft_ext.reference import loreft_reference, loreft_reference_
+from reft_ext.ops import _grad_reuse, autograd
+from reft_ext.ops.reference import loreft_reference, loreft_reference_
 from _util import (DEVICES, assert_bitwise_equal, assert_within_rule, bits, make_inputs,
                    seed_of)
 
@@ -250,12 +250,12 @@ def _always_reuse_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=No
     return (grad, *((None,) if two_h else ()), None, dR, dW, db)
 
 
-_real_backward = functional._backward
+_real_backward = autograd._backward
 
 
 @_DYNAMO_CTX_WARNING
 def test_matrix_catches_always_reusing_grad(monkeypatch):
-    monkeypatch.setattr(functional, "_backward", _always_reuse_backward)
+    monkeypatch.setattr(autograd, "_backward", _always_reuse_backward)
     caught = []
     for scenario in SCENARIOS:
         for op_name in OPS:
@@ -279,7 +279,7 @@ def test_owned_gradient_is_reused_not_copied(op_name):
     leaf = h.clone().requires_grad_()
     try:
         for sparse in (True, False):
-            functional.SPARSE_GRAD = sparse
+            _grad_reuse.SPARSE_GRAD = sparse
             seen = {}
             x = leaf * 1.0
             x.register_hook(_stash(lambda g: seen.setdefault("dh", g.data_ptr())))
@@ -288,7 +288,7 @@ def test_owned_gradient_is_reused_not_copied(op_name):
             (y * w).sum().backward()
             assert (seen["dh"] == seen["dy"]) == sparse, seen
     finally:
-        functional.SPARSE_GRAD = True
+        _grad_reuse.SPARSE_GRAD = True
 
 
 # ------------------------------------------------------------------ double backward
@@ -409,7 +409,7 @@ def _two_forward_grads(model, batches, ckpt):
 def test_checkpointed_layer_calls_use_their_own_forwards_positions(reentrant, lengths):
     """Layer-call checkpointing (plain torch, transformers < 5.23): with two forwards before
     one backward, each recompute edits the rows of its own forward."""
-    from test_patch_util import PlainDecoder
+    from patch_helpers import PlainDecoder
     import torch.utils.checkpoint as cp
     torch.manual_seed(0)
     model = PlainDecoder()
@@ -443,7 +443,7 @@ def test_checkpointed_transformers_two_forwards_one_backward():
     CI runs this file again on 4.57, which checkpoints the layer call.)"""
     import copy
     import transformers
-    from test_patch_util import batch, build
+    from patch_helpers import batch, build
     model, _ = build("llama")
     model.train()
     torch.manual_seed(0)
@@ -494,7 +494,7 @@ def test_checkpoint_recompute_of_a_disabled_forward_stays_unedited(reentrant, mo
     """A forward under reft_ext.disabled(), then an edited one, then one backward: the first
     forward's recompute runs outside disabled() and must not edit either (gradients equal
     the unchecked run's)."""
-    from test_patch_util import PlainDecoder
+    from patch_helpers import PlainDecoder
     torch.manual_seed(0)
     model = PlainDecoder()
     reft_ext.patch(model, [0, 1], rank=2)
@@ -521,7 +521,7 @@ def test_checkpoint_recompute_of_a_disabled_forward_stays_unedited(reentrant, mo
 def test_positions_moved_once_per_forward():
     """patch() moves CPU positions to a layer's device once per forward and hands every
     layer there the same tensor (on CUDA the op then validates it once per step)."""
-    from reft_ext.patch import _on_device
+    from reft_ext.model.hooks import _on_device
     st = type("S", (), {"on_device": {}})()
     pos = torch.tensor([[0, 1]])
     a = _on_device(st, pos, torch.device("meta"))
@@ -534,7 +534,7 @@ def test_positions_moved_once_per_forward():
 def test_every_patched_layer_gets_the_same_positions_tensor():
     """One positions tensor per forward for all patched layers (the CUDA op's validation
     cache keys on it: one check and one sync per step instead of one per layer)."""
-    from test_patch_util import PlainDecoder
+    from patch_helpers import PlainDecoder
     torch.manual_seed(0)
     model = reft_ext.patch(PlainDecoder(), [0, 1, 2], rank=2, positions="f1+l1")
     seen = []

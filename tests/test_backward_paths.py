@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import reft_ext
-from reft_ext import functional
-from reft_ext.reference import loreft_reference
+from reft_ext.ops import autograd
+from reft_ext.ops.reference import loreft_reference
 from _util import assert_bitwise_equal, make_inputs, seed_of
 
 OPS = [pytest.param(False, id="loreft"), pytest.param(True, id="loreft_")]
 
 
 class _Spy:
-    """Stands in for torch.ops.reft_ext in functional.py and records the ops called."""
+    """Stands in for torch.ops.reft_ext in ops/autograd.py and records the ops called."""
 
     def __init__(self, calls):
         self.calls = calls
@@ -33,7 +33,7 @@ class _Spy:
 @pytest.fixture
 def calls(monkeypatch):
     recorded = []
-    monkeypatch.setattr(functional, "_ops_ns", _Spy(recorded))
+    monkeypatch.setattr(autograd, "_ops_ns", _Spy(recorded))
     return recorded
 
 
@@ -106,7 +106,7 @@ def test_plain_eager_cpu_calls_skip_the_dispatcher(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     dispatched = []
-    monkeypatch.setattr(functional, "_dispatcher", _Spy(dispatched))
+    monkeypatch.setattr(autograd, "_dispatcher", _Spy(dispatched))
     h, pos, R, W, b, w = make_inputs(seed_of("direct"), 2, 9, 6, 2, 3, torch.float64)
 
     def step():
@@ -126,3 +126,35 @@ def test_plain_eager_cpu_calls_skip_the_dispatcher(monkeypatch):
     for name, a, e in zip(("out", "dR", "dW", "db"), direct[:1] + direct[2:], via[:1] + via[2:]):
         assert_bitwise_equal(a, e, name)
     torch.testing.assert_close(direct[1], via[1], rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("env, path", [("1", "rows"), ("0", "dense")])
+def test_sparse_grad_environment_switch(env, path):
+    """REFT_EXT_SPARSE_GRAD=0 (read at import) turns the sparse gradient of h off: a plain
+    eager backward with few edited rows then takes the dense path, same values."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, reft_ext
+from reft_ext.ops import _grad_reuse
+from reft_ext.ops.reference import loreft_reference
+g = torch.randn(2, 12, 6, dtype=torch.float64)
+pos = torch.tensor([[0, 5, -1], [3, 7, 11]])
+with torch.no_grad():
+    print(_grad_reuse.backward_path(g, pos, True, True, True))
+grads = []
+for op in (reft_ext.loreft, loreft_reference):
+    h = torch.randn(2, 12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    leaf = h.requires_grad_()
+    R, W, b = (torch.randn(*s, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+               for s in ((2, 6), (2, 6), (2,)))
+    (op(leaf * 1.0, pos, R, W, b) * g).sum().backward()
+    grads.append(leaf.grad)
+torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, REFT_EXT_SPARSE_GRAD=env), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == path   # (an editable build may print first)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import reft_ext
-from reft_ext import _build, _native, _ops
+from reft_ext import _build, _native
+from reft_ext.ops import _cuda
 
 ARCHS_13 = ["75-real", "80-real", "86-real", "89-real", "90-real", "100-real", "120-real",
             "120-virtual"]
@@ -52,7 +53,7 @@ def test_cuda_call_without_usable_gpu_raises_clearly():
     with pytest.raises(RuntimeError, match=r"reft_ext\.loreft: tensors are on cuda:0 but "
                        r"(this build of reft_ext has no CUDA kernels.*REFT_EXT_CUDA=ON"
                        r"|no NVIDIA driver was found)"):
-        _ops._cuda_lib("loreft", torch.device("cuda", 0))
+        _cuda.cuda_lib("loreft", torch.device("cuda", 0))
 
 
 def test_main_prints_build_and_self_check():

@@ -1,4 +1,4 @@
-"""`reft-ext train` / `reft-ext generate` (reft_ext/cli.py): bad inputs, a tiny end-to-end
+"""`reft-ext train` / `reft-ext generate` (reft_ext/cli/): bad inputs, a tiny end-to-end
 run, and (slow) the built-in default run."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from reft_ext.cli import DEFAULT_DATA, DEFAULT_MODEL, load_data  # noqa: E402
 def tiny(tmp_path_factory):
     """A 2-layer byte-level Llama (d=32) and six records."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from reft_ext._bytetok import ByteTokenizer
+    from reft_ext.cli._bytetok import ByteTokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)

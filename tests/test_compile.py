@@ -95,7 +95,7 @@ def test_opcheck_loreft_bwd_rows(device, sample):
 
 def _assert_same_but_dh(name, compiled, eager, what):
     """Bitwise, except h's gradient at the edited rows: eager (P <= T/2) returns it as g plus
-    a sparse correction dx - g that autograd adds (functional.py), a compiled graph as dx
+    a sparse correction dx - g that autograd adds (ops/_grad_reuse.py), a compiled graph as dx
     written into a copy of g; the two are one rounding apart there."""
     if name != "dh":
         return assert_bitwise_equal(compiled, eager, what)

@@ -13,7 +13,7 @@ import torch
 
 import reft_ext
 from reft_ext import _native
-from reft_ext.reference import loreft_reference
+from reft_ext.ops.reference import loreft_reference
 from _util import (CUDA_SKIP_REASON, assert_bitwise_equal, assert_within_rule,
                    check_against_reference, make_inputs, make_params, seed_of)
 

@@ -70,7 +70,7 @@ def test_matches_single_process_on_concatenated_batch(mode, torchrun_out, single
     torch.testing.assert_close(torch.tensor(report[mode]), torch.tensor(losses),
                                rtol=1e-6, atol=0)
     # the checkpoint rank 0 wrote holds the full (gathered) tensors
-    cfg = reft_ext.io.read_config(torchrun_out / mode)
+    cfg = reft_ext.checkpoint.read_config(torchrun_out / mode)
     assert cfg["layers"] == dist_worker.PATCH["layers"]
     ref = reft_ext.load(_unpatched(), torchrun_out / mode)
     ours = dict(model.named_parameters())

@@ -9,7 +9,7 @@ Checked here, on a tiny random Llama (d=32, 3 layers), for both orders:
   * exactly the LoRA and the ReFT parameters train, and both move;
   * the combined forward equals an independent reference: the base model with the LoRA
     update merged by hand (W + B A * alpha / r) and LoReFT applied by plain forward hooks
-    (tests/test_patch_util.ReferenceHooks) with the trained R, W, b;
+    (tests/patch_helpers.ReferenceHooks) with the trained R, W, b;
   * each library saves and reloads its own part (PEFT ``save_pretrained`` /
     ``PeftModel.from_pretrained``, ``reft_ext.save`` / ``reft_ext.load``) into a fresh base:
     logits bitwise equal to the trained model's;
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import reft_ext
-from test_patch_util import HF_LAYER_PATHS, ReferenceHooks, batch, build, params_of
+from patch_helpers import HF_LAYER_PATHS, ReferenceHooks, batch, build, params_of
 
 peft = pytest.importorskip("peft")
 # peft imports bitsandbytes where installed, which may look for kernels on the hub

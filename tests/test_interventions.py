@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import reft_ext
-from reft_ext.interventions import DiReFT, LoReFT, orthonormal_rows
-from reft_ext.reference import loreft_reference
+from reft_ext.modules import DiReFT, LoReFT, orthonormal_rows
+from reft_ext.ops.reference import loreft_reference
 
 
 def _h(B=3, T=7, d=16, dtype=torch.float32):
@@ -217,11 +217,17 @@ def test_parity_with_pyreft_direft():
 
 
 def test_callable_modules_do_not_shadow():
-    import reft_ext.interventions as mod_i
-    import reft_ext.positions as mod_p
+    import reft_ext.model.patch as mod_patch
+    import reft_ext.model.positions as mod_p
+    import reft_ext.modules as mod_i
     assert isinstance(mod_i, type(reft_ext)) and isinstance(mod_p, type(reft_ext))
+    assert isinstance(mod_patch, type(reft_ext))
     assert mod_i.LoReFT is LoReFT and mod_p.parse_positions is reft_ext.parse_positions
-    assert reft_ext.interventions is mod_i and reft_ext.positions is mod_p
+    # reft_ext.interventions(model) and reft_ext.positions(model, t) are plain functions:
+    # no module of the package carries their names, so nothing can shadow them.
+    assert callable(reft_ext.interventions) and callable(reft_ext.positions)
+    assert not isinstance(reft_ext.interventions, type(reft_ext))
+    assert not isinstance(reft_ext.positions, type(reft_ext))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

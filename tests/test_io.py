@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import reft_ext
-from reft_ext.io import CONFIG_NAME, OPTIMIZER_NAME, WEIGHTS_NAME, CheckpointError
+from reft_ext.checkpoint import CONFIG_NAME, OPTIMIZER_NAME, WEIGHTS_NAME, CheckpointError
 from _util import assert_bitwise_equal
-from test_patch_util import PlainDecoder, batch
+from patch_helpers import PlainDecoder, batch
 
 VOCAB = 97
 
@@ -154,7 +154,7 @@ def test_plain_torch_model_and_overrides(tmp_path):
                          dtype=torch.float64)
     m = reft_ext.interventions(wide)[1]
     assert m.weight.dtype == torch.float64
-    assert reft_ext.io.patch_config(wide)["positions"] == "all"
+    assert reft_ext.model.patch.patch_config(wide)["positions"] == "all"
 
 
 def test_load_keeps_rng_state(tmp_path):
@@ -196,14 +196,14 @@ def test_failed_save_leaves_no_partial_directory(existing, tmp_path, monkeypatch
         reft_ext.save(model, target)
         old = {f: (target / f).read_bytes() for f in os.listdir(target)}
     randomise(model)
-    real = reft_ext.io._write_file
+    real = reft_ext.checkpoint._atomic._write_file
 
     def failing(path, data):
         if path.name == CONFIG_NAME:          # after the weights file was written
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(reft_ext.io, "_write_file", failing)
+    monkeypatch.setattr(reft_ext.checkpoint._atomic, "_write_file", failing)
     with pytest.raises(OSError, match="No space left"):
         reft_ext.save(model, target)
     if existing:

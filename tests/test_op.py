@@ -576,7 +576,8 @@ def test_forked_child_runs_the_cpu_kernels():
     itself at 1 thread, as DataLoader workers do (torch's OpenMP is not fork-safe)."""
     import warnings
 
-    from reft_ext import _native, _ops
+    from reft_ext import _native
+    from reft_ext.ops import _marshal
 
     h, pos, R, W, b, _ = make_inputs(seed_of("fork"), 4, 64, 512, 8, 48)
     torch.set_num_threads(2)
@@ -589,9 +590,8 @@ def test_forked_child_runs_the_cpu_kernels():
     if pid == 0:  # child
         try:
             torch.set_num_threads(1)
-            problem = list(_ops._problem(io, pos, R, W, b))
-            problem[-2] = 2  # the kernels' thread count
-            msg = _native.lib().forward_cpu(*problem, *_ops._rows(io), 0, 0, 0, 0)
+            problem = _marshal.problem(io, pos, R, W, b)._replace(num_threads=2)
+            msg = _native.lib().forward_cpu(problem, _marshal.rows(io), _marshal.NO_ROWS, 0)
             os.write(wfd, b"1" if not msg and torch.equal(io, expected) else b"0")
         finally:
             os._exit(0)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import reft_ext
-from test_patch_util import (HF_FAMILIES, ReferenceHooks, batch, build, call, loop_positions,
-                             params_of, to_tensor)
+from patch_helpers import (HF_FAMILIES, ReferenceHooks, batch, build, call, loop_positions,
+                           params_of, to_tensor)
 
 ALL_MODELS = HF_FAMILIES + ["plain", "encoder", "encoder_seq_first"]
 # fp32 everywhere: torch.testing.assert_close's own float32 defaults (rtol 1.3e-6, atol 1e-5)
@@ -377,8 +377,8 @@ def test_numpy_layer_indices():
 def test_patch_config():
     model, _ = build("gpt2")
     reft_ext.patch(model, [2, 0], rank=2, positions="last")
-    assert reft_ext.patch.__module__ == "reft_ext.patch"
-    from reft_ext.patch import patch_config
+    assert reft_ext.patch.__module__ == "reft_ext.model.patch"
+    from reft_ext.model.patch import patch_config
     assert patch_config(model) == {"layer_path": "transformer.h", "layers": [2, 0],
                                    "n_layers": 3, "positions": "l1"}
 

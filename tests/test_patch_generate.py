@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reft_ext
-from test_patch_util import ReferenceHooks, batch, build, loop_positions, params_of, to_tensor
+from patch_helpers import ReferenceHooks, batch, build, loop_positions, params_of, to_tensor
 
 NEW = 5
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reft_ext
-from test_patch_util import PlainDecoder, batch, build
+from patch_helpers import PlainDecoder, batch, build
 
 
 def _train(model, steps, ids, mask, labels, lr=2e-2):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import reft_ext
-from reft_ext.positions import (PositionSpec, parse_positions, positions_from_lengths,
-                                positions_from_mask, positions_from_prompt)
+from reft_ext.model.positions import (PositionSpec, parse_positions, positions_from_lengths,
+                                      positions_from_mask, positions_from_prompt)
 
 
 @pytest.mark.parametrize("spec,expect", [

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 import reft_ext
-from reft_ext.io import CheckpointError
+from reft_ext.checkpoint import CheckpointError
 from _util import assert_bitwise_equal, assert_within_rule, make_positions
 from test_io import assert_same_snapshot, llama, snapshot
-from test_patch_util import batch
+from patch_helpers import batch
 
 D, R_ = 32, 4
 EPS32 = torch.finfo(torch.float32).eps
@@ -197,7 +197,7 @@ def test_import_component_path_and_dtype(tmp_path):
     model = reft_ext.load_pyreft(base, tmp_path / "p", positions="last", dtype=torch.float64)
     m = reft_ext.interventions(model)[1]
     assert m.weight.dtype == torch.float64
-    assert reft_ext.io.patch_config(model)["layer_path"] == "model.layers"
+    assert reft_ext.model.patch.patch_config(model)["layer_path"] == "model.layers"
 
 
 def _direft_state(cls, seed):

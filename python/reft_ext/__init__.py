@@ -2,21 +2,27 @@
 
     out = reft_ext.loreft(h, positions, R, W, b)    # new tensor
     reft_ext.loreft_(h, positions, R, W, b)         # edits h's selected rows in place
+
+The public API, nothing else. The package in layers, each importing only those below it:
+cli -> checkpoint -> model -> modules (the interventions) -> ops -> _native / _build.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._build import build_info
+from ._version import __version__
+from .model.layers import find_layers
+from .model.patch import (disabled, interventions, is_patched, patch,
+                          print_trainable_parameters, unpatch, use_positions)
+from .model.positions import (PositionSpec, parse_positions, positions_from_lengths,
+                              positions_from_mask, positions_from_prompt)
+from .modules import DiReFT, LoReFT, orthonormal_rows
+from .ops import loreft, loreft_, loreft_reference, loreft_reference_
+from .checkpoint import CheckpointError, load, load_optimizer, load_pyreft, save
 
-from .functional import loreft, loreft_  # noqa: E402
-from .reference import loreft_reference, loreft_reference_  # noqa: E402
-from ._build import build_info  # noqa: E402
-from . import positions  # noqa: E402  (module; also callable: reft_ext.positions(model, pos))
-from .positions import (PositionSpec, parse_positions, positions_from_lengths,  # noqa: E402
-                        positions_from_mask, positions_from_prompt)
-from .interventions import DiReFT, LoReFT, orthonormal_rows  # noqa: E402
-from . import interventions  # noqa: E402  (module; also callable: reft_ext.interventions(m))
-from .patch import (disabled, find_layers, is_patched, patch,  # noqa: E402
-                    print_trainable_parameters, unpatch, use_positions)
+# ``with reft_ext.positions(model, t):`` is the documented short name of use_positions.
+# A plain alias: no module is named reft_ext.positions (the spec helpers are in
+# reft_ext.model.positions), so neither can shadow the other.
+positions = use_positions
 
 __all__ = ["loreft", "loreft_", "loreft_reference", "loreft_reference_", "build_info",
            "__version__"]
@@ -24,7 +30,6 @@ __all__ += ["positions", "PositionSpec", "parse_positions", "positions_from_leng
             "positions_from_mask", "positions_from_prompt", "DiReFT", "LoReFT",
             "orthonormal_rows", "disabled", "find_layers", "interventions", "is_patched",
             "patch", "print_trainable_parameters", "unpatch", "use_positions"]
-from .io import CheckpointError, load, load_optimizer, load_pyreft, save  # noqa: E402
 __all__ += ["save", "load", "load_optimizer", "load_pyreft", "CheckpointError",
             "ReftCheckpointCallback"]
 
@@ -33,6 +38,6 @@ def __getattr__(name):
     # reft_ext.ReftCheckpointCallback (a transformers.TrainerCallback) is built on first
     # use, so `import reft_ext` does not import transformers.
     if name == "ReftCheckpointCallback":
-        from . import io
-        return io.ReftCheckpointCallback
+        from .checkpoint.hf_trainer import ReftCheckpointCallback
+        return ReftCheckpointCallback
     raise AttributeError(f"module 'reft_ext' has no attribute {name!r}")

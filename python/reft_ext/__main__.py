@@ -11,7 +11,7 @@ def self_check(device: str, seconds: float = 1.0) -> str:
     """Runs random LoReFT problems on `device` against the float64 reference until
     `seconds` have passed; returns a one-line summary or raises AssertionError."""
     import reft_ext
-    from reft_ext.reference import loreft_reference
+    from reft_ext.ops import loreft_reference
 
     gen = torch.Generator().manual_seed(0)
     start, cases = time.perf_counter(), 0

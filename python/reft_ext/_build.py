@@ -6,6 +6,7 @@ import functools
 import torch
 
 from . import _native
+from ._version import __version__
 
 
 def _version_str(v: int) -> str:
@@ -83,8 +84,6 @@ def build_info() -> dict:
     (why CUDA kernels can or cannot run here), compiler, cuda_compiler, torch, dtypes,
     cpu_isa (instruction set the CPU kernels use here).
     """
-    from . import __version__
-
     lib = _native._C
     info = {
         "version": __version__,

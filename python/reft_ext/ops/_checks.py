@@ -1,4 +1,5 @@
-"""Input validation shared by the public functions and the fake (meta) kernels.
+"""What the ops check: their inputs' metadata (shared by the public functions and the fake
+kernels), the accumulation dtype, and whether a call runs on plain eager tensors.
 
 Every check names the op, the argument and what was expected, and runs before anything is
 written. Checks of the positions' *values* (range, repeats) need the data, so they run in
@@ -11,6 +12,30 @@ import torch
 
 H_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 POS_DTYPES = (torch.int64, torch.int32)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the LoReFT edit for h of `dtype`, in the kernels, the
+    reference and the interventions' dropout path alike: float64 for float64 h, float32
+    otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _no_modes() -> bool:
+    return torch._C._len_torch_dispatch_stack() == 0 and \
+        torch._C._len_torch_function_stack() == 0
+
+
+def plain_eager(t: torch.Tensor) -> bool:
+    """A plain tensor, used eagerly: not traced, no torch function / dispatch mode, no
+    functorch transform, not a tensor subclass."""
+    # is_compiling first: under torch.compile it short-circuits the calls dynamo cannot trace.
+    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor and _no_modes()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def plain_eager_cpu(t: torch.Tensor) -> bool:
+    return plain_eager(t) and t.device.type == "cpu"
 
 
 def _fail(op: str, msg: str, exc=ValueError):

@@ -1,27 +1,43 @@
 """Pure-PyTorch reference of the LoReFT edit, with the fused op's exact semantics.
 
 Used by the tests (in float64, as ground truth) and by the benchmarks (as the eager
-baseline), so that both agree on what "correct" means.
+baseline), so that both agree on what "correct" means. Its row helpers are also the math
+of the ops' forward-mode AD and of the interventions' dropout path, so that the edit is
+written down once.
 """
 from __future__ import annotations
 
 import torch
 
+from ._checks import acc_dtype
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+
+def valid_slots(positions: torch.Tensor):
+    """(batch index, slot index, token index) of the slots of positions (B, P) that are not
+    -1, each a 1-D int64 tensor of length N."""
+    bi, pj = (positions >= 0).nonzero(as_tuple=True)
+    return bi, pj, positions[bi, pj].long()
+
+
+def input_rows(positions: torch.Tensor, x: torch.Tensor, x_gathered: bool):
+    """(batch index, token index, (N, d) rows in the accumulation dtype) of an edit whose
+    input rows are x: (B, T, d) h itself, or (B, P, d) its selected rows when x_gathered."""
+    bi, pj, t = valid_slots(positions)
+    rows = x[bi, pj] if x_gathered else x[bi, t]
+    return bi, t, rows.to(acc_dtype(x.dtype))
+
+
+def edit_delta(x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor):
+    """The edit of rows x (N, d) in the accumulation dtype: (x W^T + b - x R^T) R, (N, d),
+    with R, W, b converted to x's dtype first."""
+    Ra = R.to(x.dtype)
+    return (x @ W.to(x.dtype).T + b.to(x.dtype) - x @ Ra.T) @ Ra
 
 
 def _edit_rows(h, positions, R, W, b):
     """Returns (batch index, token index, edited rows in h's dtype) of the valid slots."""
-    acc = _acc(h.dtype)
-    bi, pj = (positions >= 0).nonzero(as_tuple=True)
-    t = positions[bi, pj].long()
-    x = h[bi, t].to(acc)
-    Ra = R.to(acc)
-    z = x @ W.to(acc).T + b.to(acc) - x @ Ra.T  # (N, r)
-    y = x + z @ Ra                               # (N, d)
-    return bi, t, y.to(h.dtype)
+    bi, t, x = input_rows(positions, h, False)
+    return bi, t, (x + edit_delta(x, R, W, b)).to(h.dtype)
 
 
 def loreft_reference(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor,
@@ -63,10 +79,9 @@ def loreft_backward_reference(grad: torch.Tensor, positions: torch.Tensor, x: to
     Returns (grad_h (B, T, d) in grad's dtype: grad with dx at the edited rows, dR, dW, db
     in the dtypes of R, W, b).
     """
-    acc = _acc(grad.dtype)
-    bi, pj = (positions >= 0).nonzero(as_tuple=True)
-    t = positions[bi, pj].long()
-    xr = (x[bi, pj] if x_gathered else x[bi, t]).to(acc)
+    acc = acc_dtype(grad.dtype)
+    bi, t, xr = input_rows(positions, x, x_gathered)
+    xr = xr.to(acc)
     g = grad[bi, t].to(acc)
     Ra, Wa = R.to(acc), W.to(acc)
     M = Wa - Ra

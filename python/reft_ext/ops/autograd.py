@@ -1,34 +1,19 @@
-"""Public LoReFT ops with autograd: `loreft` (out of place) and `loreft_` (in place)."""
-from __future__ import annotations
+"""The public LoReFT ops with autograd: `loreft` (out of place) and `loreft_` (in place),
+their autograd.Functions (backward, double backward, forward mode, torch.compile).
 
-import os
+How h's gradient is returned is decided in _grad_reuse.py.
+"""
+from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import _ops  # registers torch.ops.reft_ext.*
-from ._checks import check_inputs
-from ._ops import acc_dtype
-from .reference import loreft_backward_reference
+from . import _cpu, _cuda  # noqa: F401  (register the device kernels of torch.ops.reft_ext)
+from . import _grad_reuse
+from ._checks import acc_dtype, check_inputs, plain_eager_cpu
+from .reference import input_rows, loreft_backward_reference
 
 _dispatcher = torch.ops.reft_ext
-
-
-def _no_modes() -> bool:
-    return torch._C._len_torch_dispatch_stack() == 0 and \
-        torch._C._len_torch_function_stack() == 0
-
-
-def _plain_eager(t: torch.Tensor) -> bool:
-    """A plain tensor, used eagerly: not traced, no torch function / dispatch mode, no
-    functorch transform, not a tensor subclass."""
-    # is_compiling first: under torch.compile it short-circuits the calls dynamo cannot trace.
-    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor and _no_modes()
-            and not torch._C._are_functorch_transforms_active())
-
-
-def _plain_eager_cpu(t: torch.Tensor) -> bool:
-    return _plain_eager(t) and t.device.type == "cpu"
 
 
 class _Ops:
@@ -44,14 +29,14 @@ class _Ops:
 
     @staticmethod
     def loreft_fwd_(h, *args):
-        if _plain_eager_cpu(h):
-            return _ops.fwd_inplace_cpu(h, *args)
+        if plain_eager_cpu(h):
+            return _cpu.fwd_inplace_cpu(h, *args)
         return _dispatcher.loreft_fwd_(h, *args)
 
     @staticmethod
     def loreft_bwd_rows(grad, *args):
-        if _plain_eager_cpu(grad):
-            return _ops.bwd_rows_cpu(grad, *args)
+        if plain_eager_cpu(grad):
+            return _cpu.bwd_rows_cpu(grad, *args)
         return _dispatcher.loreft_bwd_rows(grad, *args)
 
 
@@ -67,74 +52,28 @@ def _needs_autograd(h, R, W, b) -> bool:
         _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
-# ---------------------------------------------------------------------------------------
-# The gradient of h. It equals the incoming gradient g except at the B*P edited rows, so a
-# backward that returned it densely would copy g (B*T*d elements) to change a few rows:
-# the dominant cost at f7+l7. Writing dx into g itself would avoid the copy, but only
-# autograd knows whether anyone else (a hook, the caller of backward(g), another consumer)
-# holds g. So the Functions take h twice and return, for the first h, the row correction
-# dx - g as a sparse (B, T, d) tensor and, for the second, g itself, untouched. Autograd
-# sums the two into h's gradient with its own rule (torch/csrc/autograd/input_buffer.cpp,
-# the same as AccumulateGrad's): it adds the sparse rows into g in place when it holds the
-# last reference to g, and allocates g + rows otherwise. Correct whatever torch decides;
-# only the speed depends on it. In 16-bit dtypes the edited rows are rounded twice (the
-# correction, then the sum), within the tolerance rule of the tests.
-#
-# The sparse form is used where it pays and is safe: eager plain tensors (a traced graph
-# gets a dense gradient and its compiler decides about buffers), not under create_graph
-# (the differentiable backward below), and few edited rows (2 P <= T). Otherwise h's
-# gradient is a dense copy of g with dx at the edited rows. REFT_EXT_SPARSE_GRAD=0 in the
-# environment, or setting SPARSE_GRAD = False here, turns the sparse form off.
-
-SPARSE_GRAD = os.environ.get("REFT_EXT_SPARSE_GRAD", "1") != "0"
-
-
-def _row_correction(grad, idx, corr):
-    """(B, T, d) sparse COO tensor holding corr (B, P, d) at rows (i, idx[i, j]). Empty
-    slots (idx clamped to 0, corr 0 from loreft_bwd_rows) add zeros to row 0: duplicates
-    add, so they change nothing."""
-    B, P = idx.shape
-    bi = torch.arange(B, device=idx.device).repeat_interleave(P)
-    indices = torch.stack((bi, idx.reshape(-1).to(bi.dtype)))
-    return torch.sparse_coo_tensor(indices, corr.reshape(B * P, grad.shape[-1]), grad.shape,
-                                   dtype=grad.dtype, device=grad.device,
-                                   check_invariants=False)
-
-
 def _backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=None, sparse_ok=True):
     """Gradients for the Function's inputs, (h, positions, R, W, b) or (h, h again,
-    positions, R, W, b) (the eager Functions: see above), of a forward whose input rows are
-    x (h itself, or the saved (B, P, d) rows when x_gathered); coef: the forward's z of
-    those rows, or None."""
+    positions, R, W, b) (the eager Functions: see _grad_reuse.py), of a forward whose input
+    rows are x (h itself, or the saved (B, P, d) rows when x_gathered); coef: the forward's
+    z of those rows, or None."""
     need = ctx.needs_input_grad
     two_h = len(need) == 6
     need_h = need[0] or (two_h and need[1])
-    need_params = need[-3:]
-    if torch.is_grad_enabled():
-        # create_graph=True: a backward of differentiable ops, so that double backward
-        # (Hessian-vector products, gradient penalties) is exact.
+    path = _grad_reuse.backward_path(grad, positions, need_h, two_h, sparse_ok)
+    sparse = None
+    if path == _grad_reuse.DIFFERENTIABLE:
         dense, dR, dW, db = loreft_backward_reference(grad, positions, x, x_gathered, R, W, b)
-        sparse = None
-    elif 2 * positions.shape[1] <= grad.shape[1] and (not need_h or (
-            two_h and sparse_ok and SPARSE_GRAD and _plain_eager(grad)
-            and grad.layout == torch.strided)):
-        # Few edited rows: the kernels read g's selected rows in place and return their
-        # corrections (h needs no gradient: the first edited layer of a frozen model).
+    elif path == _grad_reuse.ROWS:
         delta, dR, dW, db = _ops_ns.loreft_bwd_rows(grad, positions, x, x_gathered, R, W, b,
                                                     coef)
-        sparse = _row_correction(grad, positions.clamp(min=0), delta) if need_h else None
+        if need_h:
+            sparse = _grad_reuse.row_correction(grad, positions.clamp(min=0), delta)
         dense = grad if need_h else None
     else:
         dense, dR, dW, db = _ops_ns.loreft_bwd(grad, positions, x, x_gathered, R, W, b, coef)
-        sparse = None
-    if not need_h:
-        grads_h = (None, None)
-    elif sparse is None:
-        grads_h = (dense, None)
-    else:
-        grads_h = (sparse, dense)   # sparse first: see above
-    params = tuple(g if n else None for g, n in zip((dR, dW, db), need_params))
-    return (*grads_h[:1 + two_h], None, *params)
+    params = tuple(g if n else None for g, n in zip((dR, dW, db), need[-3:]))
+    return (*_grad_reuse.grads_of_h(need_h, two_h, dense, sparse), None, *params)
 
 
 def _jvp_rows(h_t, positions, x, x_gathered, R, W, b, R_t, W_t, b_t):
@@ -142,9 +81,7 @@ def _jvp_rows(h_t, positions, x, x_gathered, R, W, b, R_t, W_t, b_t):
     z = x (W - R)^T + b:  dy = dx + dz R + z dR,  dz = dx (W - R)^T + x (dW - dR)^T + db.
     A missing tangent (None) is zero."""
     acc = acc_dtype(x.dtype)
-    bi, pj = (positions >= 0).nonzero(as_tuple=True)
-    t = positions[bi, pj].long()
-    xr = (x[bi, pj] if x_gathered else x[bi, t]).to(acc)
+    bi, t, xr = input_rows(positions, x, x_gathered)
     Ra, Ma, ba = R.to(acc), W.to(acc) - R.to(acc), b.to(acc)
 
     def tangent(v, like):
@@ -213,7 +150,7 @@ class LoReFTInplaceFunction(torch.autograd.Function):
                          sparse_ok=not ctx.dense_grad)
 
 
-# The eager Functions: h twice (the sparse gradient of h, see above; dynamo refuses one
+# The eager Functions: h twice (the sparse gradient of h, see _grad_reuse.py; dynamo refuses one
 # tensor passed twice) and a jvp for forward-mode AD (torch.autograd.forward_ad,
 # torch.func.jvp; dynamo cannot trace a Function that defines jvp either).
 
@@ -283,7 +220,7 @@ def loreft(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.T
         other row is bitwise equal to h. Differentiable with respect to h, R, W and b.
 
     Autograd: backward (h's gradient is the incoming gradient with the edited rows
-    corrected, in place when autograd alone holds it: see the note in this file), double
+    corrected, in place when autograd alone holds it: see ops/_grad_reuse.py), double
     backward (create_graph=True; the backward then runs as differentiable PyTorch ops),
     forward mode (torch.autograd.forward_ad dual tensors, torch.func.jvp / grad), and
     torch.compile (fullgraph) all give the reference's gradients.

@@ -1,7 +1,7 @@
 """Shared helpers for the patch tests: tiny random models and an independent reference.
 
 No tests here. The reference applies LoReFT with plain forward hooks and
-reft_ext.reference.loreft_reference (out of place), with positions from a Python loop, so
+reft_ext.ops.reference.loreft_reference (out of place), with positions from a Python loop, so
 it shares nothing with reft_ext.patch except the R, W, b values it is given.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from reft_ext.interventions import orthonormal_rows
-from reft_ext.reference import loreft_reference
+from reft_ext.modules import orthonormal_rows
+from reft_ext.ops.reference import loreft_reference
 
 D, LAYERS, VOCAB = 32, 3, 97
 TOK = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -1,4 +1,5 @@
-"""Position specs ("all", "last", "f7", "l7", "f7+l7") and (B, P) position tensors.
+"""Position specs ("all", "last", "f7", "l7", "f7+l7") and (B, P) position tensors: pure
+functions of tensors, no model state.
 
 A position tensor is (B, P) int64: row i lists token indices of sequence i in [0, T), each
 at most once, with -1 in unused slots. The spec counts tokens among the *valid* tokens of a
@@ -16,8 +17,6 @@ Indices within a row come out in increasing token order, then the -1 fill.
 from __future__ import annotations
 
 import re
-import sys
-import types
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -194,16 +193,3 @@ def positions_from_prompt(spec: SpecLike, prompt_lengths: Sequence[int] | torch.
                          f"row {n.tolist()}")
     rank = valid.long().cumsum(dim=1)
     return positions_from_mask(spec, valid & (rank <= L[:, None]))
-
-
-class _PositionsModule(types.ModuleType):
-    """Makes ``reft_ext.positions(model, tensor)`` (the context manager
-    :func:`reft_ext.patch.use_positions`) callable while ``reft_ext.positions`` stays this
-    module, so ``import reft_ext.positions`` and the call never shadow each other."""
-
-    def __call__(self, model, positions):
-        from .patch import use_positions
-        return use_positions(model, positions)
-
-
-sys.modules[__name__].__class__ = _PositionsModule

@@ -1,4 +1,7 @@
-"""Intervention modules: LoReFT (orthonormal R, fused op) and DiReFT.
+"""Intervention modules: LoReFT (orthonormal R, fused op) and DiReFT, and their registry.
+
+(Named modules.py, not interventions.py: ``reft_ext.interventions(model)`` is a function,
+and a submodule of the same name would shadow it or be shadowed by it.)
 
 Every module here has the same call contract, which is what :func:`reft_ext.patch` uses:
 
@@ -11,20 +14,25 @@ Every module here has the same call contract, which is what :func:`reft_ext.patc
                (inplace=False); every unselected row is bitwise unchanged.
 
 A custom intervention for ``patch(..., intervention=factory)`` only needs to follow it.
+
+The built-in ones are registered in INTERVENTIONS under the name patch() and checkpoints
+use, and each declares what a checkpoint holds of it: SAVED_TENSORS, {tensor name in the
+file: parameter name}, the tensors that rebuild it exactly; DERIVED_TENSORS, {name: (the
+saved tensor it is computed from, how)}, tensors a file also holds so that it can be used
+without reft_ext (LoReFT's materialised R).
 """
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import torch
 from torch import nn
 
-from .functional import loreft, loreft_
-from .reference import loreft_reference, loreft_reference_
+from .ops import acc_dtype, loreft, loreft_, loreft_reference, loreft_reference_
+from .ops.reference import edit_delta, valid_slots
 
-__all__ = ["LoReFT", "DiReFT", "orthonormal_rows"]
+__all__ = ["LoReFT", "DiReFT", "orthonormal_rows", "INTERVENTIONS", "kind_of",
+           "build_intervention"]
 
 _BACKENDS = ("fused", "reference")
 
@@ -86,19 +94,45 @@ def _apply_dropout(h, positions, R, W, b, inplace, p):
     rows and the kept part of x are never rescaled. (pyreft drops out the whole output row
     x + z R instead, which also rescales x by 1/(1-p).)
     """
-    bi, pj = (positions >= 0).nonzero(as_tuple=True)
-    t = positions[bi, pj].long()
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    x = h[bi, t].to(acc)                                       # (N, d)
-    Ra = R.to(acc)
-    delta = (x @ W.to(acc).T + b.to(acc) - x @ Ra.T) @ Ra      # (N, d)
+    bi, _, t = valid_slots(positions)
+    x = h[bi, t].to(acc_dtype(h.dtype))                        # (N, d)
+    delta = edit_delta(x, R, W, b)                             # (N, d)
     y = (x + nn.functional.dropout(delta, p, training=True)).to(h.dtype)
     out = h if inplace else h.clone()
     out[bi, t] = y
     return out
 
 
-class LoReFT(nn.Module):
+class _Intervention(nn.Module):
+    """What LoReFT and DiReFT share: hyper-parameters, the bias b, and a forward through the
+    LoReFT edit with the (R, W) that a subclass's _edit_matrices() gives."""
+
+    def __init__(self, name: str, d: int, rank: int, dropout: float, backend: str):
+        super().__init__()
+        _check_common(name, d, rank, dropout, backend)
+        self.d, self.rank, self.dropout, self.backend = d, rank, float(dropout), backend
+
+    def _edit_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def b(self) -> torch.Tensor:
+        """(r,)."""
+        return self.bias
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor,
+                inplace: bool = True) -> torch.Tensor:
+        """h: (B, T, d); positions: (B, P) int64 with -1 for empty slots. See module doc."""
+        R, W = self._edit_matrices()
+        return _apply(h, positions, R, W, self.bias, inplace, self.backend, self.dropout,
+                      self.training)
+
+    def extra_repr(self) -> str:
+        return (f"d={self.d}, rank={self.rank}, dtype={self.weight.dtype}, "
+                f"dropout={self.dropout}, backend={self.backend!r}")
+
+
+class LoReFT(_Intervention):
     """LoReFT intervention Phi(h) = h + R^T (W h + b - R h) with orthonormal rows in R.
 
     Args:
@@ -109,7 +143,7 @@ class LoReFT(nn.Module):
         dropout: probability of dropping elements of the edit z R at the edited rows during
             training (see :func:`_apply_dropout`); 0 (default) keeps the fused path.
         backend: "fused" (reft_ext.loreft_, default) or "reference" (the pure-PyTorch
-            reft_ext.reference implementation; same semantics, for tests and benchmarks).
+            reft_ext.ops.reference implementation; same semantics, for tests and benchmarks).
 
     Parameters:
         rotate_raw: (r, d) unconstrained; ``R = orthonormal_rows(rotate_raw)`` is evaluated
@@ -120,12 +154,13 @@ class LoReFT(nn.Module):
     ``.R``, ``.W``, ``.b`` return the (r, d), (r, d), (r,) tensors used by forward.
     """
 
+    SAVED_TENSORS = {"rotate_raw": "rotate_raw", "W": "weight", "b": "bias"}
+    DERIVED_TENSORS = {"R": ("rotate_raw", orthonormal_rows)}   # the R forward uses
+
     def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
                  device=None, dropout: float = 0.0, backend: str = "fused"):
-        super().__init__()
-        _check_common("LoReFT", d, rank, dropout, backend)
+        super().__init__("LoReFT", d, rank, dropout, backend)
         kw = dict(dtype=_default_dtype(dtype), device=device)
-        self.d, self.rank, self.dropout, self.backend = d, rank, float(dropout), backend
         self.rotate_raw = nn.Parameter(torch.empty(rank, d, **kw))
         self.weight = nn.Parameter(torch.empty(rank, d, **kw))
         self.bias = nn.Parameter(torch.empty(rank, **kw))
@@ -151,23 +186,11 @@ class LoReFT(nn.Module):
         """(r, d)."""
         return self.weight
 
-    @property
-    def b(self) -> torch.Tensor:
-        """(r,)."""
-        return self.bias
-
-    def forward(self, h: torch.Tensor, positions: torch.Tensor,
-                inplace: bool = True) -> torch.Tensor:
-        """h: (B, T, d); positions: (B, P) int64 with -1 for empty slots. See module doc."""
-        return _apply(h, positions, self.R, self.weight, self.bias, inplace, self.backend,
-                      self.dropout, self.training)
-
-    def extra_repr(self) -> str:
-        return (f"d={self.d}, rank={self.rank}, dtype={self.weight.dtype}, "
-                f"dropout={self.dropout}, backend={self.backend!r}")
+    def _edit_matrices(self):
+        return self.R, self.weight
 
 
-class DiReFT(nn.Module):
+class DiReFT(_Intervention):
     """DiReFT intervention Phi(h) = h + W2^T (W1 h + b): no orthogonality, no -R h term.
 
     It runs through the same LoReFT kernel by an exact algebraic identity: with R := W2 and
@@ -185,12 +208,13 @@ class DiReFT(nn.Module):
     proj_layer.weight), all initialised as nn.Linear(d, r).
     """
 
+    SAVED_TENSORS = {"W1": "weight", "W2": "proj", "b": "bias"}
+    DERIVED_TENSORS: dict = {}
+
     def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
                  device=None, dropout: float = 0.0, backend: str = "fused"):
-        super().__init__()
-        _check_common("DiReFT", d, rank, dropout, backend)
+        super().__init__("DiReFT", d, rank, dropout, backend)
         kw = dict(dtype=_default_dtype(dtype), device=device)
-        self.d, self.rank, self.dropout, self.backend = d, rank, float(dropout), backend
         self.weight = nn.Parameter(torch.empty(rank, d, **kw))
         self.bias = nn.Parameter(torch.empty(rank, **kw))
         self.proj = nn.Parameter(torch.empty(rank, d, **kw))
@@ -212,30 +236,30 @@ class DiReFT(nn.Module):
         """(r, d)."""
         return self.proj
 
-    @property
-    def b(self) -> torch.Tensor:
-        """(r,)."""
-        return self.bias
-
-    def forward(self, h: torch.Tensor, positions: torch.Tensor,
-                inplace: bool = True) -> torch.Tensor:
-        """h: (B, T, d); positions: (B, P) int64 with -1 for empty slots. See module doc."""
-        return _apply(h, positions, self.proj, self.weight + self.proj, self.bias, inplace,
-                      self.backend, self.dropout, self.training)
-
-    def extra_repr(self) -> str:
-        return (f"d={self.d}, rank={self.rank}, dtype={self.weight.dtype}, "
-                f"dropout={self.dropout}, backend={self.backend!r}")
+    def _edit_matrices(self):
+        return self.proj, self.weight + self.proj      # R := W2, W := W1 + W2 (see above)
 
 
-class _InterventionsModule(types.ModuleType):
-    """Makes ``reft_ext.interventions(model)`` (:func:`reft_ext.patch.interventions`, the
-    {layer index: module} map of a patched model) callable while ``reft_ext.interventions``
-    stays this module, so neither shadows the other."""
-
-    def __call__(self, model):
-        from .patch import interventions
-        return interventions(model)
+# name (patch()'s intervention=, a checkpoint's "intervention") -> class
+INTERVENTIONS = {"loreft": LoReFT, "direft": DiReFT}
 
 
-sys.modules[__name__].__class__ = _InterventionsModule
+def kind_of(module: nn.Module) -> str | None:
+    """The registered name of a built-in intervention's exact class, else None."""
+    return next((k for k, cls in INTERVENTIONS.items() if type(module) is cls), None)
+
+
+def build_intervention(intervention, d: int, rank: int, *, dtype: torch.dtype, device,
+                       dropout: float = 0.0, backend: str = "fused") -> nn.Module:
+    """One intervention module for patch(): ``intervention`` is a registered name
+    (case-insensitive) or a factory called as ``factory(d, rank, dtype=..., device=...)``."""
+    if isinstance(intervention, str):
+        cls = INTERVENTIONS.get(intervention.lower())
+        if cls is None:
+            raise ValueError(f"reft_ext.patch: intervention must be one of "
+                             f"{sorted(INTERVENTIONS)} or a factory, got {intervention!r}")
+        return cls(d, rank, dtype=dtype, device=device, dropout=dropout, backend=backend)
+    if not callable(intervention):
+        raise TypeError(f"reft_ext.patch: intervention must be a str or a callable, got "
+                        f"{type(intervention).__name__}")
+    return intervention(d, rank, dtype=dtype, device=device)

@@ -1,0 +1,337 @@
+"""The hooks that patch() installs, and the per-model state they share.
+
+* A forward pre-hook (with kwargs, prepended) on the model resolves the positions once per
+  top-level forward and removes a ``reft_positions=`` kwarg before the model sees it.
+* A forward hook (with kwargs, prepended) on each patched layer edits the layer's hidden
+  state output in place at those positions with its intervention. Because the edit is in
+  place and the hook runs first, output_hidden_states and later hooks see the edited states.
+* ``model.generate`` (if the model has one) is shadowed by an instance attribute that fixes
+  the positions once from the prompt; decode steps with a non-empty KV cache are not edited.
+
+All state lives on the model (``model._reft_state``, ``layer._reft_link``), nothing in
+closures, so copy.deepcopy of a patched model is an independent patched model. The order in
+which a forward's positions are resolved is in model/patch.py's docstring.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .positions import PositionSpec, positions_from_mask
+
+_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
+_MASK_KWARGS = (("attention_mask", False), ("src_key_padding_mask", True),
+                ("key_padding_mask", True), ("padding_mask", True))
+_FROM_SPEC = object()   # sentinel: compute positions lazily from the spec and the mask
+
+
+class State:
+    """Per-model patch state (plain object: deep-copies with the model)."""
+
+    def __init__(self, spec: PositionSpec, layer_path: str, layer_ids: list[int],
+                 requires_grad: dict[str, bool], forward_params: list[str],
+                 had_generate_attr: bool):
+        self.spec = spec
+        self.layer_path = layer_path
+        self.layer_ids = layer_ids
+        self.requires_grad = requires_grad
+        self.forward_params = forward_params
+        self.had_generate_attr = had_generate_attr
+        self.disabled = 0
+        self.context: list[torch.Tensor] = []
+        self.generate_positions: torch.Tensor | None = None
+        self.active = None                 # None (no edit) | Tensor | _FROM_SPEC
+        self.expand = False                # active came from the prompt of generate()
+        self.mask: torch.Tensor | None = None
+        self.on_device: dict = {}          # active positions moved to a layer's device
+
+
+class Link:
+    """What a patched layer needs at run time: the model's state and its intervention."""
+
+    def __init__(self, state: State, intervention: nn.Module, seq_first: bool):
+        self.state = state
+        self.intervention = intervention
+        self.seq_first = seq_first
+        self.calls = _CallRecord()
+
+
+class _CallRecord:
+    """The positions each forward call of one patched layer used, keyed by the call's input
+    hidden states, so that a gradient checkpoint that re-runs the layer's __call__ during
+    backward (plain torch, transformers < 5.23) edits the rows of *that* forward, not of the
+    latest one (two forwards before one backward: chosen/rejected, micro-batches).
+
+    The key is the input's storage (held weakly: an entry dies with its tensor), offset,
+    shape and strides: the same tensor (non-reentrant checkpoint) or a detached alias of it
+    (reentrant checkpoint) at recompute time. While the storage lives, nothing else can have
+    its address. Two live forwards that fed the layer the very same input with different
+    positions cannot be told apart: a recompute of either raises instead of guessing.
+    Not copied by deepcopy or pickling (a copy has no pending backward of its own)."""
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple] = {}   # key -> (StorageWeakRef, positions | None)
+
+    def __deepcopy__(self, memo):
+        return _CallRecord()
+
+    def __reduce__(self):
+        return (_CallRecord, ())
+
+    @staticmethod
+    def _key(x: torch.Tensor):
+        return (x.untyped_storage()._cdata, x.storage_offset(), tuple(x.shape), x.stride(),
+                x.dtype, x.device)
+
+    def record(self, x: torch.Tensor, pos) -> None:
+        # (list(): another thread's forward may add entries meanwhile)
+        for k, (ref, _) in list(self.entries.items()):
+            if ref.expired():
+                self.entries.pop(k, None)
+        key = self._key(x)
+        old = self.entries.get(key)
+        if old is not None and not _same_positions(old[1], pos):
+            pos = _AMBIGUOUS
+        self.entries[key] = (StorageWeakRef(x.untyped_storage()), pos)
+
+    def lookup(self, x: torch.Tensor):
+        """The positions recorded for input x, or _NOT_RECORDED."""
+        entry = self.entries.get(self._key(x))
+        if entry is None or entry[0].expired():
+            return _NOT_RECORDED
+        if entry[1] is _AMBIGUOUS:
+            raise RuntimeError(
+                "reft_ext: a gradient-checkpoint recompute of a patched layer cannot tell "
+                "which forward it repeats: two forwards still awaiting backward fed this "
+                "layer the very same input tensor with different edit positions. Give each "
+                "forward its own input tensor (e.g. inputs_embeds.clone()), or checkpoint "
+                "layer.forward instead of the layer call")
+        return entry[1]
+
+
+_AMBIGUOUS = object()
+_NOT_RECORDED = object()
+
+
+def _same_positions(a, b) -> bool:
+    if a is b:
+        return True
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward on this thread: a layer called now
+    is a gradient checkpoint's recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _cache_len(cache) -> int:
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if callable(get):
+        return int(get())
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+def check_explicit(pos, where: str) -> torch.Tensor:
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"reft_ext: {where} must be a (B, P) integer tensor, got "
+                        f"{type(pos).__name__}")
+    if pos.dim() != 2 or pos.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"reft_ext: {where} must be a (B, P) int64/int32 tensor, got shape "
+                         f"{tuple(pos.shape)} and dtype {pos.dtype}")
+    return pos.long()
+
+
+def root_pre_hook(model: nn.Module, args, kwargs):
+    st: State = model.__dict__["_reft_state"]
+    explicit = kwargs.pop("reft_positions", None)
+    if explicit is not None:
+        explicit = check_explicit(explicit, "reft_positions")
+    call = dict(zip(st.forward_params, args))
+    call.update(kwargs)
+    st.mask = None
+    st.expand = False
+    st.on_device = {}
+    if st.disabled:
+        st.active = None
+    elif any(_cache_len(call.get(k)) > 0 for k in _CACHE_KWARGS):
+        st.active = None                          # decode step of generation
+    elif explicit is not None:
+        st.active = explicit
+    elif st.generate_positions is not None:
+        st.active = st.generate_positions
+        st.expand = True
+    elif st.context:
+        st.active = st.context[-1]
+    else:
+        st.active = _FROM_SPEC
+        st.mask = _call_mask(call)
+    return args, kwargs
+
+
+def _call_mask(call: dict) -> torch.Tensor | None:
+    """(B, T) mask, True = token, from the call's kwargs; None if there is none."""
+    for key, true_is_pad in _MASK_KWARGS:
+        m = call.get(key)
+        if isinstance(m, torch.Tensor):
+            if m.dim() != 2:
+                raise ValueError(
+                    f"reft_ext: {key} has shape {tuple(m.shape)}; positions spec needs a 2-D "
+                    f"(B, T) mask. Pass reft_positions= (B, P) to the forward instead")
+            return (m == 0) if true_is_pad else (m != 0)
+    return None
+
+
+def _hidden(output) -> torch.Tensor:
+    """The (B, T, d) hidden states in a layer output: a Tensor, a tuple/list whose first item
+    is the hidden states, or a ModelOutput (its first field)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "to_tuple"):
+        return output[0]
+    raise TypeError(f"reft_ext: cannot find the hidden states in a layer output of type "
+                    f"{type(output).__name__}")
+
+
+def _replace_hidden(output, h):
+    """``output`` with its hidden states replaced by h (same container type)."""
+    if isinstance(output, torch.Tensor):
+        return h
+    if hasattr(output, "to_tuple"):           # ModelOutput: first field
+        output[next(iter(output.keys()))] = h
+        return output
+    if isinstance(output, list):
+        return [h, *output[1:]]
+    if type(output) is tuple:
+        return (h, *output[1:])
+    return type(output)(h, *output[1:])       # namedtuple
+
+
+def layer_hook(layer: nn.Module, args, kwargs, output):
+    link: Link | None = layer.__dict__.get("_reft_link")
+    if link is None:
+        return None
+    # A traced graph (torch.compile) records nothing: its recomputes are traced with it.
+    x_in = None if torch.compiler.is_compiling() else _layer_input(args, kwargs)
+    recompute = x_in is not None and _in_backward()
+    pos = link.calls.lookup(x_in) if recompute else _NOT_RECORDED
+    h = None
+    if pos is _NOT_RECORDED:
+        h = _hidden(output)
+        pos = _forward_positions(link.state, h.transpose(0, 1) if link.seq_first else h)
+        if x_in is not None and not recompute and not torch.is_inference_mode_enabled():
+            link.calls.record(x_in, pos)
+    if pos is None:
+        return None
+    h = _hidden(output) if h is None else h
+    if h.is_nested:
+        raise TypeError("reft_ext: the layer returned a nested tensor (nn.TransformerEncoder "
+                        "fast path); build it with enable_nested_tensor=False")
+    hv = h.transpose(0, 1) if link.seq_first else h            # (B, T, d)
+    if pos.device != hv.device:
+        pos = _on_device(link.state, pos, hv.device)
+    inplace = (not (hv.requires_grad and hv.is_leaf) and hv.stride(-1) == 1
+               and not _aliases_input(h, args, kwargs))
+    out = link.intervention(hv, pos, inplace=inplace)
+    if out is hv:
+        return None                    # edited in place: output already holds the edit
+    return _replace_hidden(output, out.transpose(0, 1) if link.seq_first else out)
+
+
+def _layer_input(args, kwargs) -> torch.Tensor | None:
+    """The layer call's input hidden states, when they are a plain tensor (a subclass such as
+    a DTensor or a traced tensor may have no storage to key a recompute record on: its
+    recomputes see the latest forward's positions)."""
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("src"))
+    return x if type(x) is torch.Tensor else None
+
+
+def _forward_positions(st: State, hv: torch.Tensor):
+    """The (B, P) positions this forward edits at a layer whose (B, T, d) output is hv, or
+    None for no edit."""
+    pos = st.active
+    if pos is None or st.disabled:
+        return None
+    if pos is _FROM_SPEC:
+        pos = _spec_positions(st, hv)
+        st.active = pos
+    if st.expand and pos.shape[0] != hv.shape[0] and hv.shape[0] % pos.shape[0] == 0:
+        # generate() expanded the batch (beams, num_return_sequences) with repeat_interleave
+        pos = pos.repeat_interleave(hv.shape[0] // pos.shape[0], dim=0)
+        st.active, st.expand = pos, False
+    return pos
+
+
+def _on_device(st: State, pos: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """pos on device, moved once per forward and shared by the layers there: on CUDA the op
+    validates a positions tensor once (one device-to-host sync) and then recognises it."""
+    moved = st.on_device.get(device)
+    if moved is None or moved[0] is not pos:
+        moved = st.on_device[device] = (pos, pos.to(device))
+    return moved[1]
+
+
+def _aliases_input(h: torch.Tensor, args, kwargs) -> bool:
+    """True if the layer returned (a view of) its input hidden states, e.g. a skipped layer:
+    editing that in place would also edit the previous layer's output."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(x, torch.Tensor):
+        return False
+    base = x if x._base is None else x._base
+    return h is x or h is base or h._base is base
+
+
+def _spec_positions(st: State, h: torch.Tensor) -> torch.Tensor:
+    B, T = h.shape[:2]
+    mask = st.mask
+    if mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=h.device)
+    elif tuple(mask.shape) != (B, T):
+        raise ValueError(f"reft_ext: the attention mask has shape {tuple(mask.shape)} but the "
+                         f"layer's hidden states have (B, T) = ({B}, {T}); pass "
+                         f"reft_positions= (B, P) explicitly")
+    return positions_from_mask(st.spec, mask.to(h.device))
+
+
+class Generate:
+    """``model.generate`` of a patched model: fixes the edit positions once from the prompt
+    (``reft_positions=`` passed here > the reft_ext.positions context > the spec on the
+    prompt's attention mask), then calls the class's generate. A plain object holding the
+    model (not a closure or a bound method), so deepcopy and pickle rebuild it around the
+    copy."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, reft_positions=None, **kwargs):
+        model = self.model
+        st: State = model.__dict__["_reft_state"]
+        pos = None
+        if reft_positions is not None:
+            pos = check_explicit(reft_positions, "reft_positions")
+        elif st.context:
+            pos = st.context[-1]
+        else:
+            ids = args[0] if args else None
+            for key in ("input_ids", "inputs", "inputs_embeds"):
+                if ids is None:
+                    ids = kwargs.get(key)
+            if isinstance(ids, torch.Tensor):
+                mask = kwargs.get("attention_mask")
+                if not isinstance(mask, torch.Tensor):
+                    mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+                pos = positions_from_mask(st.spec, mask)
+        prev, st.generate_positions = st.generate_positions, pos
+        try:
+            return type(model).generate(model, *args, **kwargs)
+        finally:
+            st.generate_positions = prev
