@@ -449,3 +449,27 @@ def test_specs_and_padding_sides_match_reference(spec, first, last, all_tokens, 
     pos = to_tensor(loop_positions(first, last, mask, all_tokens=all_tokens), P)
     ReferenceHooks(ref, path, params_of(model), pos)
     torch.testing.assert_close(call(model, ids, mask, "qwen2"), call(ref, ids, mask, "qwen2"))
+
+
+def test_call_below_the_patched_module_edits_nothing():
+    """Positions live for one call of the patched module: a later call below it
+    (model.model) or of model.forward must neither reuse that call's rows (same shape:
+    silently wrong) nor fail on them (other shape): it runs the base model."""
+    model, _ = build("llama")
+    reft_ext.patch(model, [0], rank=4)
+    ids = torch.randint(3, 90, (2, 6))
+    with reft_ext.disabled(model):
+        base = model.model(input_ids=ids).last_hidden_state
+        base_logits = model(input_ids=ids).logits
+    for pos in (torch.tensor([[0, 1], [2, 3]]), torch.tensor([[4, 5], [4, 5]])):
+        edited = model(input_ids=ids, reft_positions=pos).logits
+        assert not torch.equal(edited, base_logits)            # the top-level call edits
+        torch.testing.assert_close(model.model(input_ids=ids).last_hidden_state, base,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(model.forward(input_ids=ids).logits, base_logits,
+                                   rtol=0, atol=0)
+    other = torch.randint(3, 90, (3, 4))                        # another shape: no error
+    with reft_ext.disabled(model):
+        expect = model.model(input_ids=other).last_hidden_state
+    torch.testing.assert_close(model.model(input_ids=other).last_hidden_state, expect,
+                               rtol=0, atol=0)

@@ -2,6 +2,8 @@
 
 * A forward pre-hook (with kwargs, prepended) on the model resolves the positions once per
   top-level forward and removes a ``reft_positions=`` kwarg before the model sees it.
+* A forward hook on the model (always called, also when the forward raises) ends the
+  positions' life with the top-level forward: a layer run outside one edits nothing.
 * A forward hook (with kwargs, prepended) on each patched layer edits the layer's hidden
   state output in place at those positions with its intervention. Because the edit is in
   place and the hook runs first, output_hidden_states and later hooks see the edited states.
@@ -55,6 +57,7 @@ class Link:
         self.intervention = intervention
         self.seq_first = seq_first
         self.calls = _CallRecord()
+        self.last = None     # positions of this layer's latest forward call (see layer_hook)
 
 
 class _CallRecord:
@@ -176,6 +179,17 @@ def root_pre_hook(model: nn.Module, args, kwargs):
     return args, kwargs
 
 
+def root_post_hook(model: nn.Module, args, output):
+    """Ends the top-level forward: its positions are not used again, so that a layer run by
+    a call below the patched module (``model.model(...)``, ``model.forward(...)``) edits
+    nothing instead of reusing this call's rows (recomputes have their own record)."""
+    st: State = model.__dict__["_reft_state"]
+    st.active = None
+    st.mask = None
+    st.expand = False
+    st.on_device = {}
+
+
 def _call_mask(call: dict) -> torch.Tensor | None:
     """(B, T) mask, True = token, from the call's kwargs; None if there is none."""
     for key, true_is_pad in _MASK_KWARGS:
@@ -221,14 +235,20 @@ def layer_hook(layer: nn.Module, args, kwargs, output):
     if link is None:
         return None
     # A traced graph (torch.compile) records nothing: its recomputes are traced with it.
-    x_in = None if torch.compiler.is_compiling() else _layer_input(args, kwargs)
-    recompute = x_in is not None and _in_backward()
-    pos = link.calls.lookup(x_in) if recompute else _NOT_RECORDED
+    compiling = torch.compiler.is_compiling()
+    x_in = None if compiling else _layer_input(args, kwargs)
     h = None
-    if pos is _NOT_RECORDED:
+    if not compiling and _in_backward():
+        # A checkpoint recompute: the positions of the forward it repeats. An input that
+        # cannot be keyed (a tensor subclass) gets this layer's latest forward's.
+        pos = _NOT_RECORDED if x_in is None else link.calls.lookup(x_in)
+        if pos is _NOT_RECORDED:
+            pos = link.last
+    else:
         h = _hidden(output)
         pos = _forward_positions(link.state, h.transpose(0, 1) if link.seq_first else h)
-        if x_in is not None and not recompute and not torch.is_inference_mode_enabled():
+        link.last = pos
+        if x_in is not None and not torch.is_inference_mode_enabled():
             link.calls.record(x_in, pos)
     if pos is None:
         return None

@@ -20,9 +20,11 @@ Positions of a forward, first match wins:
      attention mask of the call (``attention_mask``, 1 = token; or ``src_key_padding_mask``
      / ``key_padding_mask``, True = pad), or from all T tokens when there is none.
 
-A layer re-run by a gradient checkpoint recompute during backward (transformers 4.x /
-< 5.23 and plain torch checkpoint the layer's __call__, hooks included) edits the positions
-its own forward used, even when other forwards ran since (see hooks._CallRecord).
+Positions live for one call of the patched module: a layer run outside one (a call below
+it, ``model.model(...)``, or ``model.forward(...)`` bypassing the hooks) edits nothing. A
+layer re-run by a gradient checkpoint recompute during backward (transformers 4.x / < 5.23
+and plain torch checkpoint the layer's __call__, hooks included) edits the positions its own
+forward used, even when other forwards ran since (see hooks._CallRecord).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import torch
 from torch import nn
 
 from ..modules import build_intervention
-from .hooks import Generate, Link, State, check_explicit, layer_hook, root_pre_hook
+from .hooks import (Generate, Link, State, check_explicit, layer_hook, root_post_hook,
+                    root_pre_hook)
 from .layers import find_layers, normalise_layers, seq_first
 from .layers import hidden_size as infer_hidden_size  # patch() has a hidden_size argument
 from .positions import PositionSpec, parse_positions
@@ -112,6 +115,7 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
     setattr(model, CONTAINER, mods)
     model.__dict__["_reft_state"] = st
     model.register_forward_pre_hook(root_pre_hook, with_kwargs=True, prepend=True)
+    model.register_forward_hook(root_post_hook, always_call=True)
     for i in ids:
         blocks[i].__dict__["_reft_link"] = Link(st, mods[str(i)], seq_first(blocks[i]))
         blocks[i].register_forward_hook(layer_hook, with_kwargs=True, prepend=True)
@@ -154,6 +158,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         _remove_hook(blocks[i], layer_hook)
         blocks[i].__dict__.pop("_reft_link", None)
     _remove_hook(model, root_pre_hook)
+    _remove_hook(model, root_post_hook)
     delattr(model, CONTAINER)
     if not st.had_generate_attr:
         model.__dict__.pop("generate", None)
