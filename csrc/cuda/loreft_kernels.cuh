@@ -28,6 +28,14 @@
 
 #include "dispatch.cuh"
 
+// Kernel launches and dynamic shared memory are spelt through these two macros so that
+// tests/cuemu can build this very source for its CPU emulation (its force-included header
+// defines them first); nothing else in the kernels differs between the two builds.
+#ifndef REFT_CUDA_LAUNCH
+#define REFT_CUDA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define REFT_CUDA_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace reft {
 namespace cuda {
 
@@ -225,7 +233,7 @@ forward_kernel(KernelArgs a, Rows io, Rows saved, const int32_t* skip) {
   constexpr bool kCached = ITERS > 0;
   static_assert(!kCached || ALIGNED, "the register-cached path needs aligned rows");
   __shared__ A red[kMaxWarps][kQChunk][ROWS];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  REFT_CUDA_DYNAMIC_SHARED(unsigned char, dyn_smem);
   A* z_s = reinterpret_cast<A*>(dyn_smem);  // (r, ROWS)
   // Row pointers live in shared memory: ROWS 64-bit pointers per thread would cost
   // registers that the cached rows need.
@@ -400,7 +408,7 @@ backward_rows_kernel(KernelArgs a, Rows g, Rows dx, Rows x, bool x_gathered, acc
   constexpr int N2 = 2 * ROWS;
   static_assert(!kCached || ALIGNED, "the register-cached path needs aligned rows");
   __shared__ A red[kMaxWarps][kQChunk][N2];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  REFT_CUDA_DYNAMIC_SHARED(unsigned char, dyn_smem);
   A* z_s = reinterpret_cast<A*>(dyn_smem);  // (r, ROWS)
   A* gz_s = z_s + a.r * ROWS;               // (r, ROWS)
 
@@ -746,8 +754,8 @@ template <typename T, int ROWS, int ITERS, bool ALIGNED>
 void launch_forward(const KernelArgs& a, Rows io, Rows saved, const int32_t* skip, int nt,
                     cudaStream_t stream) {
   const size_t smem = size_t(a.r) * ROWS * sizeof(acc_t<T>);
-  forward_kernel<T, ROWS, ITERS, ALIGNED>
-      <<<unsigned(ceil_div(a.n, ROWS)), nt, smem, stream>>>(a, io, saved, skip);
+  REFT_CUDA_LAUNCH(unsigned(ceil_div(a.n, ROWS)), nt, smem, stream,
+                   forward_kernel<T, ROWS, ITERS, ALIGNED>)(a, io, saved, skip);
   check_launch("loreft forward kernel");
 }
 
@@ -812,8 +820,9 @@ void launch_backward_rows(const KernelArgs& a, Rows g, Rows dx, Rows x, bool x_g
                           acc_t<T>* zg, int32_t* counters, int n_counters, int nt,
                           cudaStream_t stream) {
   const size_t smem = size_t(2) * a.r * ROWS * sizeof(acc_t<T>);
-  backward_rows_kernel<T, ROWS, ITERS, ALIGNED><<<unsigned(ceil_div(a.n, ROWS)), nt, smem, stream>>>(
-      a, g, dx, x, x_gathered, zg, counters, n_counters);
+  REFT_CUDA_LAUNCH(unsigned(ceil_div(a.n, ROWS)), nt, smem, stream,
+                   backward_rows_kernel<T, ROWS, ITERS, ALIGNED>)(a, g, dx, x, x_gathered, zg,
+                                                                  counters, n_counters);
   check_launch("loreft backward row kernel");
 }
 
@@ -865,11 +874,11 @@ void backward_launch(const Problem& p, Rows g, Rows dx, Rows x, bool x_gathered,
 
   const dim3 grid(unsigned(l.n_col_tiles), unsigned(l.n_q_groups), unsigned(l.nchunks));
   if (aligned)
-    backward_params_kernel<T, VEC2><<<grid, kMaxThreads, 0, stream>>>(
+    REFT_CUDA_LAUNCH(grid, kMaxThreads, 0, stream, backward_params_kernel<T, VEC2>)(
         a, g, x, x_gathered, zg, partials, counters, l.nchunks, static_cast<A*>(dR),
         static_cast<A*>(dW), static_cast<A*>(db));
   else
-    backward_params_kernel<T, 1><<<grid, kMaxThreads, 0, stream>>>(
+    REFT_CUDA_LAUNCH(grid, kMaxThreads, 0, stream, backward_params_kernel<T, 1>)(
         a, g, x, x_gathered, zg, partials, counters, l.nchunks, static_cast<A*>(dR),
         static_cast<A*>(dW), static_cast<A*>(db));
   check_launch("loreft backward parameter kernel");
