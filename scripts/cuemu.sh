@@ -18,6 +18,10 @@
 # libstdc++ is there at start-up, and torch throws while importing). The interpreter drops
 # LD_PRELOAD from its environment at once, so that its children (an editable install's
 # rebuild, compilers) run without the runtime: cmake hangs under a preloaded TSan.
+# --capture=sys: pytest leaves file descriptor 2 alone, so a sanitizer's or the emulation's
+# report (written just before it aborts the process) reaches the log. reft_ext is imported
+# before pytest starts capturing: an editable install rebuilds on import, and its build
+# subprocess needs a real stderr.
 # detect_leaks=0: CPython and torch keep allocations alive until exit by design.
 # OMP_NUM_THREADS=1 under TSan: torch's OpenMP runtime is not built for TSan, and its
 # worker threads (the tests' reference computations) made the process abort after a few
@@ -58,6 +62,6 @@ esac
 
 start=$(date +%s)
 REFT_CUEMU_DIR="$build" REFT_CUEMU_REQUIRE=1 "${preload[@]}" \
-  "$python" -c 'import os, sys; os.environ.pop("LD_PRELOAD", None); import pytest
-sys.exit(pytest.main(sys.argv[1:]))' -q -p no:cacheprovider tests/test_cuda_emu.py "$@"
+  "$python" -c 'import os, sys; os.environ.pop("LD_PRELOAD", None); import reft_ext, pytest
+sys.exit(pytest.main(sys.argv[1:]))' -q --capture=sys -p no:cacheprovider tests/test_cuda_emu.py "$@"
 echo "cuemu[$mode]: tests took $(( $(date +%s) - start )) s"
