@@ -33,9 +33,10 @@ namespace {
 
 // A barrier that waits too long is a deadlock (threads waiting at different barriers, or
 // for a thread that never arrives): abort with where everyone is rather than hang CI.
+// Between two barriers a block does at most a few milliseconds of work, even under TSan.
 std::chrono::seconds deadlock_timeout() {
   const char* env = std::getenv("CUEMU_DEADLOCK_SECONDS");
-  return std::chrono::seconds(env ? std::atoi(env) : 120);
+  return std::chrono::seconds(env ? std::atoi(env) : 60);
 }
 
 // Threads of one barrier (the block's __syncthreads, or one warp's shuffle exchange).
