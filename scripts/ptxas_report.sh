@@ -7,13 +7,13 @@
 #
 #   bash scripts/ptxas_report.sh [output dir, default bench/results]
 #
-# Needs nvcc (CUDACXX or PATH) and c++filt. Uses the build's own device flags
+# Needs nvcc (CUDACXX, PATH or /usr/local/cuda) and c++filt. Uses the build's own device flags
 # (CMakeLists.txt) plus -Xptxas=-v.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out_dir="${1:-bench/results}"
-nvcc="${CUDACXX:-nvcc}"
+nvcc="${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
 jobs="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 flags=(-DREFT_EXT_WITH_CUDA -Icsrc -O3 -DNDEBUG --expt-relaxed-constexpr -std=c++17 -Xptxas=-v)
 version=$("$nvcc" --version | sed -n 's/.*release \([0-9.]*\), V\([0-9.]*\).*/\2/p')

@@ -16,6 +16,11 @@ limits and speed.
 
 The calls mirror reft_ext/_ops.py's CUDA implementations, and take their leading arguments
 from its `_problem`, so the argument order is the shipped one.
+
+A kernel bug the emulation or a sanitizer catches aborts the process with a report on
+stderr; plain `pytest` captures file descriptor 2 and loses it (only "Fatal Python error:
+Aborted" and the test's stack remain), `scripts/cuemu.sh` runs with --capture=sys and shows
+it.
 """
 from __future__ import annotations
 
