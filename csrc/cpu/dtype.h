@@ -71,16 +71,6 @@ template <typename T, typename A> inline T store_as(A v) {
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-inline const char* dtype_name(int code) {
-  switch (code) {
-    case kFloat32: return "float32";
-    case kFloat16: return "float16";
-    case kBFloat16: return "bfloat16";
-    case kFloat64: return "float64";
-    default: return "unknown";
-  }
-}
-
 // positions[i, j] of the (B, P) int64 or int32 position table.
 inline int64_t position_at(const Positions& pos, int64_t i, int64_t j) {
   const char* base = static_cast<const char*>(pos.data);

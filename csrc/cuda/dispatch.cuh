@@ -43,16 +43,6 @@ template <typename T> __device__ __forceinline__ T from_acc(double v) {
   return v;
 }
 
-inline const char* dtype_name(int code) {
-  switch (code) {
-    case kFloat32: return "float32";
-    case kFloat16: return "float16";
-    case kBFloat16: return "bfloat16";
-    case kFloat64: return "float64";
-    default: return "unknown";
-  }
-}
-
 }  // namespace cuda
 }  // namespace reft
 

@@ -43,7 +43,7 @@ namespace {
 // for it.
 __global__ void __launch_bounds__(256)
 check_positions_kernel(Positions pos, int64_t P, int64_t T, bool bitmap, int32_t* status) {
-  extern __shared__ uint32_t seen[];  // ceil(T / 32) words when bitmap
+  REFT_CUDA_DYNAMIC_SHARED(uint32_t, seen);  // ceil(T / 32) words when bitmap
   const int64_t i = blockIdx.x;
   const int64_t words = (T + 31) / 32;
   if (bitmap) {
@@ -86,9 +86,9 @@ void check_positions_cuda(const Problem& p, int32_t* status) {
   if (p.B == 0 || p.P == 0) return;
   const int64_t bitmap_bytes = (p.T + 31) / 32 * 4;
   const bool bitmap = bitmap_bytes <= cuda::kBitmapMaxBytes;
-  cuda::check_positions_kernel<<<unsigned(p.B), 256, bitmap ? size_t(bitmap_bytes) : 0,
-                                 static_cast<cudaStream_t>(p.stream)>>>(p.pos, p.P, p.T, bitmap,
-                                                                        status);
+  REFT_CUDA_LAUNCH(unsigned(p.B), 256, bitmap ? size_t(bitmap_bytes) : 0,
+                   static_cast<cudaStream_t>(p.stream),
+                   cuda::check_positions_kernel)(p.pos, p.P, p.T, bitmap, status);
   cuda::check_launch("positions check kernel");
 }
 

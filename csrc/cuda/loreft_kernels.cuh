@@ -28,6 +28,14 @@
 
 #include "dispatch.cuh"
 
+// Kernel launches and dynamic shared memory are spelt through these two macros so that
+// tests/cuemu can build this very source for its CPU emulation (its force-included header
+// defines them first); nothing else in the kernels differs between the two builds.
+#ifndef REFT_CUDA_LAUNCH
+#define REFT_CUDA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define REFT_CUDA_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace reft {
 namespace cuda {
 
@@ -211,6 +219,121 @@ __device__ __forceinline__ void load_r(const KernelArgs& a, int64_t q, int64_t k
 }
 
 // ---------------------------------------------------------------------------------------
+// The two passes both row kernels are made of. ITERS > 0: the rows are cached in registers
+// (cache[row][it], the thread's columns k = (it * nt + tid) * VEC, requires ALIGNED);
+// ITERS == 0: they are re-read through the row pointers on each use (any alignment, any
+// d). Both walk the same columns in the same order, so both give the same bits.
+
+template <int ITERS>
+using cache_iters = std::integral_constant<int, (ITERS > 0 ? ITERS : 1)>;
+
+// Calls f(k, it) for this thread's column groups k < d in increasing order. With ITERS > 0
+// the loop is unrolled to ITERS steps, so that it (the cache index) is a constant.
+template <int ITERS, int VEC, typename F>
+__device__ __forceinline__ void for_columns(int64_t d, int nt, int tid, F&& f) {
+  if (ITERS > 0) {
+#pragma unroll
+    for (int it = 0; it < cache_iters<ITERS>::value; ++it) {
+      const int64_t k = (int64_t(it) * nt + tid) * VEC;
+      if (k < d) f(k, it);
+    }
+  } else {
+    for (int64_t k = int64_t(tid) * VEC; k < d; k += int64_t(nt) * VEC) f(k, 0);
+  }
+}
+
+// Dot pass for rank q: part[row] += x_row . M_q over this thread's columns and, WITH_G,
+// part[ROWS + row] += g_row . R_q. Rows whose x pointer is null are empty slots (cached as
+// zeros, skipped when re-read).
+template <typename T, int VEC, int ROWS, int ITERS, bool ALIGNED, bool WITH_G, typename A,
+          int NPART>
+__device__ __forceinline__ void dot_pass(const KernelArgs& a, int64_t q, int nt, int tid,
+                                         Vec<T, VEC> (&xv)[ROWS][cache_iters<ITERS>::value],
+                                         Vec<T, VEC> (&gv)[ROWS][cache_iters<ITERS>::value],
+                                         const T* const* xr, const T* const* gr,
+                                         A (&part)[NPART]) {
+  static_assert(NPART == (WITH_G ? 2 : 1) * ROWS, "one partial per row (and per g row)");
+  for_columns<ITERS, VEC>(a.d, nt, tid, [&](int64_t k, int it) {
+    A m[VEC], rr[VEC];
+    load_m_r<T, VEC, ALIGNED>(a, q, k, m, rr);
+#pragma unroll
+    for (int row = 0; row < ROWS; ++row) {
+      Vec<T, VEC> x, gg;
+      if (ITERS > 0) {
+        launder(xv[row][it]);
+        x = xv[row][it];
+        if (WITH_G) {
+          launder(gv[row][it]);
+          gg = gv[row][it];
+        }
+      } else {
+        if (xr[row] == nullptr) continue;
+        x = load_row<T, VEC, ALIGNED>(xr[row], k, a.d);
+        if (WITH_G) gg = load_row<T, VEC, ALIGNED>(gr[row], k, a.d);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        part[row] += to_acc<A>(x.v[e]) * m[e];
+        if (WITH_G) part[ROWS + row] += to_acc<A>(gg.v[e]) * rr[e];
+      }
+    }
+  });
+}
+
+// Combine pass: out_row = base_row + sum_q coef[q * ROWS + row] * P_q over this thread's
+// columns, accumulated rank by rank like the CPU kernel, with P = M (USE_M: the backward's
+// dx = g + gz M) or R (the forward's y = x + z R). Rows whose out pointer is null are not
+// stored (and, re-read, not computed). base and out may be the same row (the forward's
+// in-place edit): each thread reads its columns before it writes them.
+template <typename T, int VEC, int ROWS, int ITERS, bool ALIGNED, bool USE_M, typename A>
+__device__ __forceinline__ void combine_pass(const KernelArgs& a, int nt, int tid,
+                                             Vec<T, VEC> (&cache)[ROWS][cache_iters<ITERS>::value],
+                                             const T* const* base, T* const* out,
+                                             const A* coef) {
+  for_columns<ITERS, VEC>(a.d, nt, tid, [&](int64_t k, int it) {
+    if (ITERS == 0) {
+      bool any = false;
+#pragma unroll
+      for (int row = 0; row < ROWS; ++row) any = any || out[row] != nullptr;
+      if (!any) return;
+    }
+    A acc[ROWS][VEC];
+#pragma unroll
+    for (int row = 0; row < ROWS; ++row) {
+      const Vec<T, VEC> b = ITERS > 0 ? cache[row][it]
+                            : out[row] != nullptr ? load_row<T, VEC, ALIGNED>(base[row], k, a.d)
+                                                  : zero_vec<T, VEC>();
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[row][e] = to_acc<A>(b.v[e]);
+    }
+#pragma unroll 1
+    for (int64_t q = 0; q < a.r; ++q) {
+      A p[VEC];
+      if (USE_M) {
+        A rr[VEC];
+        load_m_r<T, VEC, ALIGNED>(a, q, k, p, rr);
+      } else {
+        load_r<T, VEC, ALIGNED>(a, q, k, p);
+      }
+#pragma unroll
+      for (int row = 0; row < ROWS; ++row) {
+        const A c = coef[q * ROWS + row];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[row][e] += c * p[e];
+      }
+    }
+#pragma unroll
+    for (int row = 0; row < ROWS; ++row) {
+      if (out[row] == nullptr) continue;
+      Vec<T, VEC> y;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) y.v[e] = from_acc<T>(acc[row][e]);
+      store_row<T, VEC, ALIGNED>(out[row], k, a.d, y);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward. Block = ROWS slots; ITERS > 0: the rows stay in registers between the z and y
 // passes (requires ALIGNED, r <= kQChunk); ITERS == 0: any d and r, the y pass re-reads
 // x (the same thread reads x[k] and then writes y[k], so the in-place edit is safe).
@@ -225,7 +348,7 @@ forward_kernel(KernelArgs a, Rows io, Rows saved, const int32_t* skip) {
   constexpr bool kCached = ITERS > 0;
   static_assert(!kCached || ALIGNED, "the register-cached path needs aligned rows");
   __shared__ A red[kMaxWarps][kQChunk][ROWS];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  REFT_CUDA_DYNAMIC_SHARED(unsigned char, dyn_smem);
   A* z_s = reinterpret_cast<A*>(dyn_smem);  // (r, ROWS)
   // Row pointers live in shared memory: ROWS 64-bit pointers per thread would cost
   // registers that the cached rows need.
@@ -288,34 +411,7 @@ forward_kernel(KernelArgs a, Rows io, Rows saved, const int32_t* skip) {
       A part[ROWS];
 #pragma unroll
       for (int row = 0; row < ROWS; ++row) part[row] = A(0);
-      if (kCached) {
-#pragma unroll
-        for (int it = 0; it < (kCached ? ITERS : 1); ++it) {
-          const int64_t k = (int64_t(it) * nt + tid) * VEC;
-          if (k < d) {
-            A m[VEC], rr[VEC];
-            load_m_r<T, VEC, true>(a, q, k, m, rr);
-#pragma unroll
-            for (int row = 0; row < ROWS; ++row) {
-              launder(xv[row][it]);
-#pragma unroll
-              for (int e = 0; e < VEC; ++e) part[row] += to_acc<A>(xv[row][it].v[e]) * m[e];
-            }
-          }
-        }
-      } else {
-        for (int64_t k = int64_t(tid) * VEC; k < d; k += int64_t(nt) * VEC) {
-          A m[VEC], rr[VEC];
-          load_m_r<T, VEC, ALIGNED>(a, q, k, m, rr);
-#pragma unroll
-          for (int row = 0; row < ROWS; ++row) {
-            if (rows[row] == nullptr) continue;
-            const Vec<T, VEC> x = load_row<T, VEC, ALIGNED>(rows[row], k, d);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) part[row] += to_acc<A>(x.v[e]) * m[e];
-          }
-        }
-      }
+      dot_pass<T, VEC, ROWS, ITERS, ALIGNED, false>(a, q, nt, tid, xv, xv, rows, rows, part);
       const A sum = warp_sum_transposed<ROWS>(part, lane);
       if ((lane & (32 / ROWS - 1)) == 0) red[warp][qq][lane / (32 / ROWS)] = sum;
     }
@@ -329,61 +425,8 @@ forward_kernel(KernelArgs a, Rows io, Rows saved, const int32_t* skip) {
     __syncthreads();
   }
 
-  // Pass 2: y = x + z R, accumulated rank by rank like the CPU kernel.
-  if (kCached) {
-#pragma unroll
-    for (int it = 0; it < (kCached ? ITERS : 1); ++it) {
-      const int64_t k = (int64_t(it) * nt + tid) * VEC;
-      if (k >= d) continue;
-      A acc[ROWS][VEC];
-#pragma unroll
-      for (int row = 0; row < ROWS; ++row)
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[row][e] = to_acc<A>(xv[row][it].v[e]);
-#pragma unroll 1
-      for (int64_t q = 0; q < r; ++q) {
-        A rr[VEC];
-        load_r<T, VEC, true>(a, q, k, rr);
-#pragma unroll
-        for (int row = 0; row < ROWS; ++row) {
-          const A zq = z_s[q * ROWS + row];
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[row][e] += zq * rr[e];
-        }
-      }
-#pragma unroll
-      for (int row = 0; row < ROWS; ++row) {
-        if (rows[row] == nullptr) continue;
-        Vec<T, VEC> y;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) y.v[e] = from_acc<T>(acc[row][e]);
-        store_row<T, VEC, true>(rows[row], k, d, y);
-      }
-    }
-  } else {
-    for (int64_t k = int64_t(tid) * VEC; k < d; k += int64_t(nt) * VEC) {
-#pragma unroll
-      for (int row = 0; row < ROWS; ++row) {
-        if (rows[row] == nullptr) continue;
-        const Vec<T, VEC> x = load_row<T, VEC, ALIGNED>(rows[row], k, d);
-        A acc[VEC];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[e] = to_acc<A>(x.v[e]);
-  #pragma unroll 1
-      for (int64_t q = 0; q < r; ++q) {
-          A rr[VEC];
-          load_r<T, VEC, ALIGNED>(a, q, k, rr);
-          const A zq = z_s[q * ROWS + row];
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] += zq * rr[e];
-        }
-        Vec<T, VEC> y;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) y.v[e] = from_acc<T>(acc[e]);
-        store_row<T, VEC, ALIGNED>(rows[row], k, d, y);
-      }
-    }
-  }
+  // Pass 2: y = x + z R.
+  combine_pass<T, VEC, ROWS, ITERS, ALIGNED, false>(a, nt, tid, xv, rows, rows, z_s);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -400,7 +443,7 @@ backward_rows_kernel(KernelArgs a, Rows g, Rows dx, Rows x, bool x_gathered, acc
   constexpr int N2 = 2 * ROWS;
   static_assert(!kCached || ALIGNED, "the register-cached path needs aligned rows");
   __shared__ A red[kMaxWarps][kQChunk][N2];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  REFT_CUDA_DYNAMIC_SHARED(unsigned char, dyn_smem);
   A* z_s = reinterpret_cast<A*>(dyn_smem);  // (r, ROWS)
   A* gz_s = z_s + a.r * ROWS;               // (r, ROWS)
 
@@ -456,42 +499,7 @@ backward_rows_kernel(KernelArgs a, Rows g, Rows dx, Rows x, bool x_gathered, acc
       A part[N2];  // [0, ROWS): x . M_q, [ROWS, 2 ROWS): g . R_q
 #pragma unroll
       for (int c = 0; c < N2; ++c) part[c] = A(0);
-      if (kCached) {
-#pragma unroll
-        for (int it = 0; it < (kCached ? ITERS : 1); ++it) {
-          const int64_t k = (int64_t(it) * nt + tid) * VEC;
-          if (k < d) {
-            A m[VEC], rr[VEC];
-            load_m_r<T, VEC, true>(a, q, k, m, rr);
-#pragma unroll
-            for (int row = 0; row < ROWS; ++row) {
-              launder(xv[row][it]);
-              launder(gv[row][it]);
-#pragma unroll
-              for (int e = 0; e < VEC; ++e) {
-                part[row] += to_acc<A>(xv[row][it].v[e]) * m[e];
-                part[ROWS + row] += to_acc<A>(gv[row][it].v[e]) * rr[e];
-              }
-            }
-          }
-        }
-      } else {
-        for (int64_t k = int64_t(tid) * VEC; k < d; k += int64_t(nt) * VEC) {
-          A m[VEC], rr[VEC];
-          load_m_r<T, VEC, ALIGNED>(a, q, k, m, rr);
-#pragma unroll
-          for (int row = 0; row < ROWS; ++row) {
-            if (xr[row] == nullptr) continue;
-            const Vec<T, VEC> xx = load_row<T, VEC, ALIGNED>(xr[row], k, d);
-            const Vec<T, VEC> gg = load_row<T, VEC, ALIGNED>(gr[row], k, d);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-              part[row] += to_acc<A>(xx.v[e]) * m[e];
-              part[ROWS + row] += to_acc<A>(gg.v[e]) * rr[e];
-            }
-          }
-        }
-      }
+      dot_pass<T, VEC, ROWS, ITERS, ALIGNED, true>(a, q, nt, tid, xv, gv, xr, gr, part);
       const A sum = warp_sum_transposed<N2>(part, lane);
       if ((lane & (32 / N2 - 1)) == 0) red[warp][qq][lane / (32 / N2)] = sum;
     }
@@ -516,61 +524,8 @@ backward_rows_kernel(KernelArgs a, Rows g, Rows dx, Rows x, bool x_gathered, acc
     }
   }
 
-  // dx = g + gz M, rank by rank like the CPU kernel.
-  if (kCached) {
-#pragma unroll
-    for (int it = 0; it < (kCached ? ITERS : 1); ++it) {
-      const int64_t k = (int64_t(it) * nt + tid) * VEC;
-      if (k >= d) continue;
-      A acc[ROWS][VEC];
-#pragma unroll
-      for (int row = 0; row < ROWS; ++row)
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[row][e] = to_acc<A>(gv[row][it].v[e]);
-#pragma unroll 1
-      for (int64_t q = 0; q < r; ++q) {
-        A m[VEC], rr[VEC];
-        load_m_r<T, VEC, true>(a, q, k, m, rr);
-#pragma unroll
-        for (int row = 0; row < ROWS; ++row) {
-          const A gq = gz_s[q * ROWS + row];
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[row][e] += gq * m[e];
-        }
-      }
-#pragma unroll
-      for (int row = 0; row < ROWS; ++row) {
-        if (dr[row] == nullptr) continue;
-        Vec<T, VEC> out;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) out.v[e] = from_acc<T>(acc[row][e]);
-        store_row<T, VEC, true>(dr[row], k, d, out);
-      }
-    }
-  } else {
-    for (int64_t k = int64_t(tid) * VEC; k < d; k += int64_t(nt) * VEC) {
-#pragma unroll
-      for (int row = 0; row < ROWS; ++row) {
-        if (dr[row] == nullptr) continue;
-        const Vec<T, VEC> gg = load_row<T, VEC, ALIGNED>(gr[row], k, d);
-        A acc[VEC];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[e] = to_acc<A>(gg.v[e]);
-  #pragma unroll 1
-      for (int64_t q = 0; q < r; ++q) {
-          A m[VEC], rr[VEC];
-          load_m_r<T, VEC, ALIGNED>(a, q, k, m, rr);
-          const A gq = gz_s[q * ROWS + row];
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] += gq * m[e];
-        }
-        Vec<T, VEC> out;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) out.v[e] = from_acc<T>(acc[e]);
-        store_row<T, VEC, ALIGNED>(dr[row], k, d, out);
-      }
-    }
-  }
+  // dx = g + gz M.
+  combine_pass<T, VEC, ROWS, ITERS, ALIGNED, true>(a, nt, tid, gv, gr, dr, gz_s);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -746,8 +701,8 @@ template <typename T, int ROWS, int ITERS, bool ALIGNED>
 void launch_forward(const KernelArgs& a, Rows io, Rows saved, const int32_t* skip, int nt,
                     cudaStream_t stream) {
   const size_t smem = size_t(a.r) * ROWS * sizeof(acc_t<T>);
-  forward_kernel<T, ROWS, ITERS, ALIGNED>
-      <<<unsigned(ceil_div(a.n, ROWS)), nt, smem, stream>>>(a, io, saved, skip);
+  REFT_CUDA_LAUNCH(unsigned(ceil_div(a.n, ROWS)), nt, smem, stream,
+                   forward_kernel<T, ROWS, ITERS, ALIGNED>)(a, io, saved, skip);
   check_launch("loreft forward kernel");
 }
 
@@ -812,8 +767,9 @@ void launch_backward_rows(const KernelArgs& a, Rows g, Rows dx, Rows x, bool x_g
                           acc_t<T>* zg, int32_t* counters, int n_counters, int nt,
                           cudaStream_t stream) {
   const size_t smem = size_t(2) * a.r * ROWS * sizeof(acc_t<T>);
-  backward_rows_kernel<T, ROWS, ITERS, ALIGNED><<<unsigned(ceil_div(a.n, ROWS)), nt, smem, stream>>>(
-      a, g, dx, x, x_gathered, zg, counters, n_counters);
+  REFT_CUDA_LAUNCH(unsigned(ceil_div(a.n, ROWS)), nt, smem, stream,
+                   backward_rows_kernel<T, ROWS, ITERS, ALIGNED>)(a, g, dx, x, x_gathered, zg,
+                                                                  counters, n_counters);
   check_launch("loreft backward row kernel");
 }
 
@@ -865,11 +821,11 @@ void backward_launch(const Problem& p, Rows g, Rows dx, Rows x, bool x_gathered,
 
   const dim3 grid(unsigned(l.n_col_tiles), unsigned(l.n_q_groups), unsigned(l.nchunks));
   if (aligned)
-    backward_params_kernel<T, VEC2><<<grid, kMaxThreads, 0, stream>>>(
+    REFT_CUDA_LAUNCH(grid, kMaxThreads, 0, stream, backward_params_kernel<T, VEC2>)(
         a, g, x, x_gathered, zg, partials, counters, l.nchunks, static_cast<A*>(dR),
         static_cast<A*>(dW), static_cast<A*>(db));
   else
-    backward_params_kernel<T, 1><<<grid, kMaxThreads, 0, stream>>>(
+    REFT_CUDA_LAUNCH(grid, kMaxThreads, 0, stream, backward_params_kernel<T, 1>)(
         a, g, x, x_gathered, zg, partials, counters, l.nchunks, static_cast<A*>(dR),
         static_cast<A*>(dW), static_cast<A*>(db));
   check_launch("loreft backward parameter kernel");
