@@ -11,94 +11,18 @@
 #include <cstdint>
 #include <string>
 
+#include "problem_caster.h"
 #include "reft_core.h"
 
 namespace py = pybind11;
 using reft::Problem;
 using reft::Rows;
 
-namespace {
-
-// The fields of a Problem, in the order they arrive; the enum indexes this list.
-constexpr const char* kProblemFields[] = {
-    "B", "T", "P", "d", "r", "h_dtype", "pos", "pos_int64", "pos_stride_b", "pos_stride_p",
-    "R", "R_dtype", "W", "W_dtype", "b", "b_dtype", "num_threads", "stream"};
-enum ProblemField : int {
-  kB, kT, kP, kD, kR, kHDtype, kPos, kPosInt64, kPosStrideB, kPosStrideP,
-  kRPtr, kRDtype, kWPtr, kWDtype, kBPtr, kBDtype, kNumThreads, kStream, kNumProblemFields
-};
-static_assert(sizeof(kProblemFields) / sizeof(kProblemFields[0]) == kNumProblemFields,
-              "one name per Problem field");
-
-void* as_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
-
-// Reads a tuple of n Python ints; false (and no Python error left) if it is not one.
-template <int n, typename F>
-bool read_ints(py::handle src, F&& store) {
-  PyObject* t = src.ptr();
-  if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != n) return false;
-  for (int i = 0; i < n; ++i) {
-    PyObject* v = PyTuple_GET_ITEM(t, i);
-    if (!PyLong_Check(v)) return false;
-    long long x = PyLong_AsLongLong(v);
-    if (x == -1 && PyErr_Occurred()) {  // a pointer above 2^63: read it unsigned
-      PyErr_Clear();
-      x = static_cast<long long>(PyLong_AsUnsignedLongLong(v));
-      if (PyErr_Occurred()) { PyErr_Clear(); return false; }
-    }
-    store(i, static_cast<int64_t>(x));
-  }
-  return true;
-}
-
-}  // namespace
-
-namespace pybind11 {
-namespace detail {
-
-template <>
-struct type_caster<Problem> {
-  PYBIND11_TYPE_CASTER(Problem, const_name("Problem"));
-  bool load(handle src, bool) {
-    int64_t f[kNumProblemFields];
-    if (!read_ints<kNumProblemFields>(src, [&](int i, int64_t x) { f[i] = x; })) return false;
-    auto ptr = [&](int i) { return as_ptr(static_cast<uintptr_t>(f[i])); };
-    value.B = f[kB]; value.T = f[kT]; value.P = f[kP]; value.d = f[kD]; value.r = f[kR];
-    value.h_dtype = static_cast<int>(f[kHDtype]);
-    value.pos = {ptr(kPos), f[kPosInt64] != 0, f[kPosStrideB], f[kPosStrideP]};
-    value.params = {ptr(kRPtr), static_cast<int>(f[kRDtype]), ptr(kWPtr),
-                    static_cast<int>(f[kWDtype]), ptr(kBPtr), static_cast<int>(f[kBDtype])};
-    value.num_threads = static_cast<int>(f[kNumThreads]);
-    value.stream = ptr(kStream);
-    return true;
-  }
-  static handle cast(const Problem&, return_value_policy, handle) {
-    throw cast_error("reft_ext._C: a Problem is never returned to Python");
-  }
-};
-
-template <>
-struct type_caster<Rows> {
-  PYBIND11_TYPE_CASTER(Rows, const_name("Rows"));
-  bool load(handle src, bool) {  // (data, stride_b, stride_t); (0, 0, 0): no tensor
-    int64_t f[3];
-    if (!read_ints<3>(src, [&](int i, int64_t x) { f[i] = x; })) return false;
-    value = Rows{as_ptr(static_cast<uintptr_t>(f[0])), f[1], f[2]};
-    return true;
-  }
-  static handle cast(const Rows&, return_value_policy, handle) {
-    throw cast_error("reft_ext._C: Rows are never returned to Python");
-  }
-};
-
-}  // namespace detail
-}  // namespace pybind11
+using reft_bind::as_ptr;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "reft_ext native kernels (private; use reft_ext.loreft / reft_ext.loreft_)";
-  py::tuple fields(static_cast<size_t>(kNumProblemFields));
-  for (int i = 0; i < kNumProblemFields; ++i) fields[i] = py::str(kProblemFields[i]);
-  m.attr("PROBLEM_FIELDS") = fields;
+  m.attr("PROBLEM_FIELDS") = reft_bind::problem_fields();
 
   // Validates the positions' values, then edits; returns '' or why nothing was written.
   // coef: 0, or a contiguous (B, P, r) buffer of the accumulation type for z.

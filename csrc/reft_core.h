@@ -74,7 +74,7 @@ void loreft_forward_cpu(const Problem& p, Rows io, Rows saved, void* coef);
 // tiling). delta: when delta.data != nullptr, gio is only read, and slot (i, j) of delta
 // (a (B, P, d) tensor in h's dtype, like x_gathered rows) receives dx - g = gz M for its
 // row instead (zeros for empty slots): the row correction of h's gradient, added to g
-// by the caller (functional.py: autograd, in place when it holds g alone).
+// by the caller (reft_ext/ops/_grad_reuse.py: autograd, in place when it holds g alone).
 void loreft_backward_cpu(const Problem& p, Rows gio, Rows x, bool x_gathered,
                          const void* coef, void* dR, void* dW, void* db, Rows delta);
 

@@ -14,8 +14,9 @@ What it cannot check (README, "CUDA kernels without a GPU"): nvcc's FMA contract
 nothing here is compared bitwise with a GPU), the GPU's weak memory model, register
 limits and speed.
 
-The calls mirror reft_ext/_ops.py's CUDA implementations, and take their leading arguments
-from its `_problem`, so the argument order is the shipped one.
+The calls mirror reft_ext/ops/_cuda.py's CUDA implementations and take the described
+problem and rows from reft_ext.ops._marshal, through the same pybind11 casters
+(csrc/problem_caster.h), so the arguments are the shipped ones.
 
 A kernel bug the emulation or a sanitizer catches aborts the process with a report on
 stderr; plain `pytest` captures file descriptor 2 and loses it (only "Fatal Python error:
@@ -32,7 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reft_ext._ops import _problem, _rows, acc_dtype
+from reft_ext.ops._checks import acc_dtype
+from reft_ext.ops._marshal import NO_ROWS, problem as _problem, rows as _rows
 from _util import (assert_bitwise_equal, assert_within_rule, make_inputs, reference_results,
                    seed_of, selected_mask)
 
@@ -71,11 +73,11 @@ def inputs(seed, B, T, d, r, P, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------
-# The calls of reft_ext/_ops.py's CUDA kernels, over CPU tensors.
+# The calls of reft_ext/ops/_cuda.py's CUDA kernels, over CPU tensors.
 
 def _status(h, pos, R, W, b):
     status = torch.zeros(1, dtype=torch.int32)
-    E.check_positions_cuda(*_problem(h, pos, R, W, b), status.data_ptr())
+    E.check_positions_cuda(_problem(h, pos, R, W, b), status.data_ptr())
     return int(status.item())
 
 
@@ -87,8 +89,7 @@ def emu_forward(h, pos, R, W, b, io=None, save=False, skip=None):
     io = h.clone() if io is None else io
     B, T, d = h.shape
     saved = torch.full((B, pos.shape[1], d), float("nan"), dtype=h.dtype)
-    E.forward_cuda(*_problem(io, pos, R, W, b), *_rows(io),
-                   *(_rows(saved) if save else (0, 0, 0)),
+    E.forward_cuda(_problem(io, pos, R, W, b), _rows(io), _rows(saved) if save else NO_ROWS,
                    skip.data_ptr() if skip is not None else 0)
     return io, (saved if save else None)
 
@@ -107,9 +108,9 @@ def emu_backward(g, pos, x, x_gathered, R, W, b, dx=None):
     dR, dW = (torch.full((r, d), float("nan"), dtype=acc) for _ in range(2))
     db = torch.full((r,), float("nan"), dtype=acc)
     args = _problem(dx, pos, Rc, Wc, bc)
-    ws_bytes = E.backward_cuda_workspace(*args)
+    ws_bytes = E.backward_cuda_workspace(args)
     ws = torch.full((max(ws_bytes, 1),), 0xFF, dtype=torch.uint8)
-    E.backward_cuda(*args, *_rows(g), *_rows(dx), *_rows(x), x_gathered, dR.data_ptr(),
+    E.backward_cuda(args, _rows(g), _rows(dx), _rows(x), x_gathered, dR.data_ptr(),
                     dW.data_ptr(), db.data_ptr(), ws.data_ptr(), ws_bytes)
     return dx, dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
 
@@ -384,6 +385,6 @@ def test_rank_above_the_limit_is_refused_before_any_launch():
     R = torch.randn(r, d)
     before = E.stats()["launches"]
     with pytest.raises(ValueError, match="exceeds the CUDA kernels' limit"):
-        E.forward_cuda(*_problem(h, torch.zeros(1, 1, dtype=torch.long), R, R, torch.randn(r)),
-                       *_rows(h), 0, 0, 0, 0)
+        E.forward_cuda(_problem(h, torch.zeros(1, 1, dtype=torch.long), R, R, torch.randn(r)),
+                       _rows(h), NO_ROWS, 0)
     assert E.stats()["launches"] == before

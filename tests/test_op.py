@@ -103,9 +103,9 @@ def test_shapes(device, inplace, pos_dtype, dtypes, shape):
 @pytest.mark.parametrize("dtypes", SHAPE_DTYPES, ids=SHAPE_DTYPE_IDS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_shapes_other_backward_paths(device, inplace, grad_from, dtypes, shape):
-    """test_shapes with the gradient owned by autograd (the CPU backward then writes dx into
-    it) and with only the parameters requiring grad (the backward then reads the selected
-    rows only, when P <= T/2); see tests/test_grad_ownership.py for which path runs when."""
+    """test_shapes with the gradient owned by autograd (autograd then adds the sparse row
+    correction into it in place) and with only the parameters requiring grad (the backward then reads the selected
+    rows only, when P <= T/2); see tests/test_backward_paths.py for which path runs when."""
     hd, pd = dtypes
     B, T, d, r, P, empty = SHAPES[shape]
     seed = seed_of("paths", shape, dtypes, grad_from, inplace)
