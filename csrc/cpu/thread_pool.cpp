@@ -83,8 +83,8 @@ struct Pool {
   // Keeps the workers off the CPU the caller runs on (Linux). A thread woken by a futex is
   // placed next to its waker when the scheduler sees fit (wake-affine): the worker then
   // takes turns with the caller on one CPU until load balancing moves one of them, which
-  // is longer than a small call. On the 2-vCPU CI VM, in 174 of 188 two-piece calls the
-  // worker ran on the caller's CPU and the call took as long as on one thread. The mask is
+  // is longer than a small call, which then takes as long as on one thread (how often:
+  // bench/results/code-measurements.md). The mask is
   // the caller's own affinity less its current CPU, so a user's pinning is respected; it
   // is set again only when it changes. Guarded by m.
   void steer_workers() {

@@ -9,7 +9,7 @@ namespace reft {
 // and up to num_threads - 1 pool workers. Pieces are claimed from a shared counter, and the
 // caller waits only for pieces already claimed: a worker the OS has not scheduled yet
 // never delays the call (threads spawned per call stalled small calls by a whole scheduler
-// slice, ~4 ms, on a busy 2-core machine). Which thread runs a piece varies from call to
+// slice on a busy machine). Which thread runs a piece varies from call to
 // call, so fn's results must not depend on it. Concurrent calls from other threads, and
 // calls in a forked child, run on their own thread.
 void run_parallel(int64_t n, int64_t grain, int num_threads,

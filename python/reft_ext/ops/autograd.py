@@ -21,8 +21,8 @@ class _Ops:
     forward and the row-correction backward, on plain eager CPU tensors, go straight to
     their CPU kernels.
     For those tensors the dispatcher's round trip to a Python kernel does nothing more, and
-    costs ~0.05 ms a call once a step's (B, T, d) tensors have evicted the caches: ~5% of
-    an f7+l7 step in bench_op."""
+    costs a noticeable share of an f7+l7 step once the step's (B, T, d) tensors have
+    evicted the caches (bench/results/code-measurements.md)."""
 
     loreft_fwd = _dispatcher.loreft_fwd
     loreft_bwd = _dispatcher.loreft_bwd
@@ -231,7 +231,8 @@ def loreft(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.T
     """
     check_inputs("loreft", h, positions, R, W, b)
     if not _needs_autograd(h, R, W, b):
-        # Function.apply costs ~30 us per call even when autograd has nothing to record.
+        # Function.apply costs tens of microseconds even when autograd has nothing to
+        # record (bench/results/code-measurements.md).
         return _ops_ns.loreft_fwd(h, positions, R, W, b)
     if torch.compiler.is_compiling():
         return LoReFTFunction.apply(h, positions, R, W, b)
