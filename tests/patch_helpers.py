@@ -213,3 +213,14 @@ def call(model, ids, mask, name, **kw):
 
 def copy_model(model):
     return copy.deepcopy(model)
+
+
+def enable_checkpointing(model):
+    """Turns on gradient checkpointing of a transformers model: layer.forward on 5.x
+    (activation_checkpointing_enable), the layer call on 4.x (non-reentrant)."""
+    import transformers
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -442,17 +442,12 @@ def test_checkpointed_transformers_two_forwards_one_backward():
     computation without checkpointing. (transformers >= 5.23 checkpoints layer.forward;
     CI runs this file again on 4.57, which checkpoints the layer call.)"""
     import copy
-    import transformers
-    from patch_helpers import batch, build
+    from patch_helpers import batch, build, enable_checkpointing
     model, _ = build("llama")
     model.train()
     torch.manual_seed(0)
     reft_ext.patch(model, [0, 2], rank=4, positions="f2+l2")
-    ckpt = copy.deepcopy(model)
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        ckpt.activation_checkpointing_enable()
-    else:
-        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = enable_checkpointing(copy.deepcopy(model))
     batches = [batch(B=3, T=9, left=False, seed=1), batch(B=2, T=6, left=False, seed=2)]
     grads = []
     for m in (model, ckpt):

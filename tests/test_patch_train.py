@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reft_ext
-from patch_helpers import PlainDecoder, batch, build
+from patch_helpers import PlainDecoder, batch, build, enable_checkpointing
 
 
 def _train(model, steps, ids, mask, labels, lr=2e-2):
@@ -57,18 +57,13 @@ def test_gradient_checkpointing_transformers():
     checkpoints layer.__call__, so the hooks re-run in the backward recompute. CI runs this
     file on 5.x and again on 4.57 (.ci/run); the __call__ style is also covered without
     transformers by test_gradient_checkpointing_hooks_rerun_in_recompute."""
-    import transformers
     model, _ = build("llama")
     model.train()
     ids, mask = batch(left=False)
     labels = ids.masked_fill(mask == 0, -100)
     torch.manual_seed(0)
     reft_ext.patch(model, [0, 2], rank=4, positions="f2+l2")
-    ckpt = copy.deepcopy(model)
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        ckpt.activation_checkpointing_enable()
-    else:
-        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = enable_checkpointing(copy.deepcopy(model))
     assert ckpt.model.layers[0].gradient_checkpointing
     for m in (model, ckpt):
         m(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
