@@ -57,3 +57,21 @@ def loop_prompt_positions(first: int, last: int, prompt_lens: list[int]) -> torc
         sel = sorted(set(range(min(first, n))) | set(range(max(0, n - last), n)))
         rows.append(sel + [-1] * (first + last - len(sel)))
     return torch.tensor(rows, dtype=torch.long)
+
+
+def train_losses(model, steps: int, lr: float, weight_decay: float = 0.01,
+                 **batch) -> list[float]:
+    """AdamW on the model's trainable parameters for `steps` steps on one batch
+    (input_ids, attention_mask, labels), train mode then eval mode; the per-step losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

@@ -72,6 +72,23 @@ def train(model, opt, ids, steps):
     return losses
 
 
+def assert_same_trained_interventions(loaded, model):
+    """The interventions of `loaded` (a checkpoint read back) equal `model`'s, and training
+    moved them away from the initialisation (test helper; runs in the test process)."""
+    import torch
+    ours = dict(model.named_parameters())
+    n = 0
+    for name, p in loaded.named_parameters():
+        if name.startswith("reft_interventions."):
+            assert p.shape == ours[name].shape
+            torch.testing.assert_close(p, ours[name], rtol=1e-6, atol=1e-7)
+            n += 1
+    assert n == 3 * len(PATCH["layers"])
+    init = build_model(seed=0)
+    assert not torch.equal(init.reft_interventions["0"].weight,
+                           ours["reft_interventions.0.weight"])
+
+
 def _wrap(model, mode):
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -72,18 +72,8 @@ def test_matches_single_process_on_concatenated_batch(mode, torchrun_out, single
     # the checkpoint rank 0 wrote holds the full (gathered) tensors
     cfg = reft_ext.checkpoint.read_config(torchrun_out / mode)
     assert cfg["layers"] == dist_worker.PATCH["layers"]
-    ref = reft_ext.load(_unpatched(), torchrun_out / mode)
-    ours = dict(model.named_parameters())
-    n = 0
-    for name, p in ref.named_parameters():
-        if name.startswith("reft_interventions."):
-            assert p.shape == ours[name].shape
-            torch.testing.assert_close(p, ours[name], rtol=1e-6, atol=1e-7)
-            n += 1
-    assert n == 3 * len(dist_worker.PATCH["layers"])
-    init = dist_worker.build_model(seed=0)              # training did move the parameters
-    assert not torch.equal(init.reft_interventions["0"].weight,
-                           ours["reft_interventions.0.weight"])
+    dist_worker.assert_same_trained_interventions(
+        reft_ext.load(_unpatched(), torchrun_out / mode), model)
 
 
 def _unpatched():

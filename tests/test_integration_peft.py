@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import reft_ext
+from _integration_util import train_losses
 from patch_helpers import HF_LAYER_PATHS, ReferenceHooks, batch, build, params_of
 
 peft = pytest.importorskip("peft")
@@ -97,16 +98,7 @@ def test_lora_and_reft_on_one_model(order, tmp_path):
 
     ids, mask = batch(left=False)
     labels = ids.masked_fill(mask == 0, -100)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=4e-2)
-    pm.train()
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    pm.eval()
+    losses = train_losses(pm, 20, 4e-2, input_ids=ids, attention_mask=mask, labels=labels)
     assert losses[-1] < 0.9 * losses[0], losses      # measured: 0.87
     for n, p in pm.named_parameters():            # both kinds moved (LoRA B starts at zero)
         if n in before:
