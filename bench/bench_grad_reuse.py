@@ -15,6 +15,7 @@ Modes, as in bench_op: "fwd+bwd" with an incoming gradient that autograd alone h
 for scale. CPU only (write-g calls the CPU kernel).
 
     python bench/bench_grad_reuse.py            # B=8 T=512 d=4096 r=8, P=14, fp32 + bf16
+    python bench/bench_grad_reuse.py --P 512    # every token edited
     python bench/bench_grad_reuse.py --quick
 """
 from __future__ import annotations
@@ -116,13 +117,14 @@ def main(argv=None):
                 table.append([dt, mode, op_name, "eager reference", common.fmt_ms(ref),
                               f"{ref['median'] / base:.2f}"])
             print(f"done {dt} {mode}", file=sys.stderr)
-    path = common.write_rows("bench_grad_reuse-cpu", rows)
+    stem = f"bench_grad_reuse-cpu-P{args.P}"
+    path = common.write_rows(stem, rows)
     header = ["dtype", "mode", "op", "h's gradient", "ms (p20–p80)", "× write-g"]
     md = (f"Machine: {env['device']}; torch {env['torch']}, reft_ext {env['reft_ext']}, "
           f"{env['date']}. Shape B={B} T={T} d={d} r={r} P={args.P}, fp32 parameters, "
           f"median of {reps} interleaved repeats; incoming gradient held by autograd alone."
           "\n\n" + common.markdown_table(header, table) + "\n")
-    (common.RESULTS / "bench_grad_reuse-cpu.md").write_text(md)
+    (common.RESULTS / f"{stem}.md").write_text(md)
     print(md)
     print(f"wrote {path}", file=sys.stderr)
     return 0
