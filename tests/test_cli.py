@@ -231,3 +231,37 @@ def test_train_with_hf_tokenizer(capsys, tmp_path, tiny):
                          "--prompt", "len", "--prompt", "add", "--max-new-tokens", "3")
     assert rc == 0, err
     assert len(text.splitlines()) == 2
+
+
+# Issue 19 item 4: --help, -h and unknown words used to run the self-check and exit 0.
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_top_level_help_lists_the_commands(capsys, flag):
+    rc, out, err = _run(capsys, flag)
+    assert rc == 0, err
+    assert out.startswith("usage: reft-ext")
+    for cmd in ("train", "generate", "check"):
+        assert f"\n  {cmd} " in out, out
+    assert "self-check" not in out.splitlines()[-1]  # printed the usage, ran no check
+
+
+@pytest.mark.parametrize("word", ["bogus", "--bogus"])
+def test_unknown_command_exits_2_with_one_line(capsys, word):
+    rc, out, err = _run(capsys, word)
+    assert rc == 2 and out == "", (out, err)
+    (line,) = err.strip().splitlines()
+    assert line.startswith("reft-ext: error: unknown ") and repr(word) in line, line
+    for cmd in ("train", "generate", "check"):
+        assert cmd in line
+
+
+def test_check_subcommand_runs_the_self_check(capsys):
+    rc, out, err = _run(capsys, "check")
+    assert rc == 0, err
+    assert "self-check cpu:" in out
+    _bad(capsys, "check", "extra", match="unexpected arguments")
+
+
+@pytest.mark.parametrize("cmd", ["train", "generate"])
+def test_command_help_exits_0(capsys, cmd):
+    rc, out, _ = _run(capsys, cmd, "--help")
+    assert rc == 0 and out.startswith(f"usage: reft-ext {cmd}")

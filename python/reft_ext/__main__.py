@@ -42,12 +42,51 @@ def self_check(device: str, seconds: float = 1.0) -> str:
     return f"{device}: {cases} random problems, forward + backward, match the float64 reference"
 
 
+USAGE = """\
+usage: reft-ext [-h] {train,generate,check} ...
+
+LoReFT (representation finetuning) as a PyTorch extension.
+
+commands:
+  train     train LoReFT interventions on a JSONL of {"prompt", "response"} records
+  generate  generate with a saved LoReFT checkpoint
+  check     build information and a quick self-check against the reference
+            (also what `reft-ext` / `python -m reft_ext` with no arguments runs)
+
+`reft-ext COMMAND -h` shows a command's options and their defaults."""
+
+SUBCOMMANDS = ("train", "generate", "check")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("train", "generate"):
         from reft_ext.cli import run
         return run(argv[0], argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv and argv[0] == "check":
+        if argv[1:] in (["-h"], ["--help"]):
+            print("usage: reft-ext check\n\nPrints build information and runs a quick "
+                  "self-check of the kernels against the float64 reference.")
+            return 0
+        if argv[1:]:
+            print(f"reft-ext check: error: unexpected arguments: {' '.join(argv[1:])}",
+                  file=sys.stderr)
+            return 2
+    elif argv:
+        # Anything else used to fall through to the self-check and exit 0, so a typo
+        # (`reft-ext trian`) looked like success: refuse it in one line, exit 2 like argparse.
+        what = "option" if argv[0].startswith("-") else "command"
+        print(f"reft-ext: error: unknown {what} {argv[0]!r} (choose from "
+              f"{', '.join(SUBCOMMANDS)}; see reft-ext --help)", file=sys.stderr)
+        return 2
+    return check()
 
+
+def check() -> int:
+    """`reft-ext check`: build information, then the self-check on every usable device."""
     import reft_ext
 
     info = reft_ext.build_info()

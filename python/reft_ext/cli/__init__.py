@@ -29,6 +29,8 @@ def run(command: str, argv) -> int:
     except UsageError as e:
         print(f"reft-ext {command}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # -h / --help: argparse printed the help and exits 0
+        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         print(f"reft-ext {command}: interrupted", file=sys.stderr)
         return 130
