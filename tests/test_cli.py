@@ -265,3 +265,42 @@ def test_check_subcommand_runs_the_self_check(capsys):
 def test_command_help_exits_0(capsys, cmd):
     rc, out, _ = _run(capsys, cmd, "--help")
     assert rc == 0 and out.startswith(f"usage: reft-ext {cmd}")
+
+
+# Issue 19 item 5: the help shows every default; --layers all; a checkpoint of another model
+# under the built-in model names the fix.
+@pytest.mark.parametrize("cmd, defaults", [
+    ("train", ["--rank RANK", "(default: 4)", "(default: 0.01)", "(default: 16)",
+               "(default: float32)", "(default: 0)", "(default: f7+l7)", "(default: 40)",
+               "(default: cpu)", "(default: 0.1)", "(default: ./reft_out)"]),
+    ("generate", ["(default: 32)", "(default: float32)", "(default: cpu)"]),
+])
+def test_help_shows_defaults(capsys, cmd, defaults):
+    rc, out, _ = _run(capsys, cmd, "--help")
+    assert rc == 0
+    flat = " ".join(out.split())  # argparse wraps lines
+    for d in defaults:
+        assert d in flat, (d, out)
+    if cmd == "train":
+        assert "(default: 4)" in flat.split("--examples EXAMPLES")[1]
+
+
+def test_train_layers_all(capsys, tmp_path, tiny):
+    model_dir, data = tiny
+    out = tmp_path / "ckpt"
+    rc, text, err = _run(capsys, "train", "--model", str(model_dir), "--data", str(data),
+                         "--steps", "1", "--layers", "all", "--examples", "0",
+                         "--output", str(out))
+    assert rc == 0, err
+    assert json.loads((out / "reft_config.json").read_text())["layers"] == [0, 1]
+    _bad(capsys, "train", "--model", str(model_dir), "--data", str(data), "--layers", "al",
+         "--output", str(tmp_path / "o2"), match="or 'all'")
+
+
+def test_generate_other_models_checkpoint_says_pass_model(capsys, tmp_path, tiny):
+    model_dir, data = tiny  # 2 layers, d=32; the built-in model has 4 layers, d=128
+    out = tmp_path / "ckpt"
+    rc, _, err = _run(capsys, "train", "--model", str(model_dir), "--data", str(data),
+                      "--steps", "1", "--layers", "0", "--examples", "0", "--output", str(out))
+    assert rc == 0, err
+    _bad(capsys, "generate", "--reft", str(out), "--prompt", "x", match="pass --model DIR")

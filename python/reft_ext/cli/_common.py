@@ -28,8 +28,10 @@ def add_model_args(ap) -> None:
     ap.add_argument("--model", default=None,
                     help="local Hugging Face causal-LM directory (default: the built-in "
                          "byte-level model)")
-    ap.add_argument("--dtype", default="float32", choices=DTYPES)
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
+                    help="dtype the model is loaded in (default: %(default)s)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, cuda, cuda:1, ... (default: %(default)s)")
 
 
 def check_device(device: str):

@@ -16,7 +16,8 @@ def generate_command(argv) -> int:
     ap.add_argument("--reft", required=True, help="checkpoint directory from reft-ext train")
     ap.add_argument("--prompt", action="append", required=True,
                     help="prompt text (repeat for several)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=32,
+                    help="tokens generated per prompt (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
@@ -29,7 +30,14 @@ def generate_command(argv) -> int:
     try:
         load(model, reft_dir)
     except ValueError as e:  # CheckpointError and patch errors
-        raise UsageError(f"--reft {reft_dir}: {first_line(e)}")
+        hint = ""
+        if args.model is None:
+            # Without --model the built-in model is used; a checkpoint trained on any other
+            # model fails here (hidden size, layer count), and the fix is --model, not the
+            # checkpoint.
+            hint = ("; it was not trained on the built-in model: pass --model DIR, the "
+                    "model it was trained on")
+        raise UsageError(f"--reft {reft_dir}: {first_line(e)}{hint}")
     model.eval()
     outs = generate(model, tok, args.prompt, args.max_new_tokens, args.device)
     for p, g in zip(args.prompt, outs):

@@ -54,27 +54,34 @@ class TrainArgs:
                     "of {\"prompt\", \"response\"} records, save them, and report exact match.")
         add_model_args(ap)
         ap.add_argument("--data", default=None, help="JSONL of {\"prompt\", \"response\"} "
-                        "(optional \"split\": \"train\"|\"heldout\"); default: built-in set")
+                        "(optional \"split\": \"train\"|\"heldout\"; default: the built-in set)")
         ap.add_argument("--layers", default=None,
-                        help="comma-separated layer indices (default: the middle layer)")
-        ap.add_argument("--rank", type=int, default=4)
+                        help="comma-separated layer indices (negative count from the end) "
+                             "or 'all' (default: the middle layer)")
+        ap.add_argument("--rank", type=int, default=4,
+                        help="rank of each intervention (default: %(default)s)")
         ap.add_argument("--positions", default="f7+l7",
-                        help="positions edited within the prompt (default f7+l7)")
+                        help="positions edited within the prompt (default: %(default)s)")
         ap.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides "
-                        "--epochs)")
+                        "--epochs; default: from --epochs)")
         ap.add_argument("--epochs", type=float, default=None,
-                        help="passes over the training records (default 40)")
-        ap.add_argument("--lr", type=float, default=1e-2)
-        ap.add_argument("--batch-size", type=int, default=16)
+                        help="passes over the training records (default: 40)")
+        ap.add_argument("--lr", type=float, default=1e-2,
+                        help="AdamW learning rate (default: %(default)s)")
+        ap.add_argument("--batch-size", type=int, default=16,
+                        help="records per optimizer step (default: %(default)s)")
         ap.add_argument("--heldout-fraction", type=float, default=0.1,
                         help="records held out for evaluation when the data has no \"split\" "
-                             "fields (default 0.1)")
+                             "fields (default: %(default)s)")
         ap.add_argument("--max-new-tokens", type=int, default=None,
                         help="generation length for evaluation (default: longest response + 3)")
-        ap.add_argument("--examples", type=int, default=4, help="examples printed per split")
-        ap.add_argument("--seed", type=int, default=0)
+        ap.add_argument("--examples", type=int, default=4,
+                        help="examples printed per split (default: %(default)s)")
+        ap.add_argument("--seed", type=int, default=0,
+                        help="seed of the split, initialisation and batch order "
+                             "(default: %(default)s)")
         ap.add_argument("--output", default="reft_out", help="checkpoint directory "
-                        "(default ./reft_out)")
+                        "(default: ./%(default)s)")
         args = cls(**vars(ap.parse_args(argv)))
         args.validate()
         return args
@@ -119,11 +126,14 @@ def _layers(model, text: str | None) -> tuple[list[int], int, int]:
     except ValueError as e:
         raise UsageError(f"--model: cannot find the decoder layers: {first_line(e)}")
     n = len(container)
-    if text:
+    if text and text.strip() == "all":  # as patch(model, layers="all")
+        layers = normalise_layers("all", n)
+    elif text:
         try:
             ids = [int(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise UsageError(f"--layers {text!r}: expected comma-separated integers, e.g. 1,3")
+            raise UsageError(f"--layers {text!r}: expected comma-separated "
+                             "integers, e.g. 1,3, or 'all'")
         try:
             layers = normalise_layers(ids, n, what=f"--layers {text}")
         except ValueError as e:
