@@ -169,8 +169,16 @@ def positions_from_prompt(spec: SpecLike, prompt_lengths: Sequence[int] | torch.
                           attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of a spec within the first ``prompt_lengths[i]`` valid tokens of each row.
 
-    Works for either padding side: the prompt is taken to be the leading valid tokens of a
-    prompt+response sequence.
+    Works for either padding side: only ``attention_mask`` says where a row's tokens are.
+    It assumes each row is a prompt followed by its response, so that the prompt is the
+    row's first ``prompt_lengths[i]`` valid tokens, and that ``prompt_lengths[i]`` counts
+    the prompt's tokens as they appear in that row. ``len(tok(prompt)["input_ids"])`` is
+    that count only when the prompt tokenizes alone as it does at the start of
+    prompt + response (true when the response starts a new token, e.g. with a space, for
+    most tokenizers; a merge across the boundary or special tokens added to only one of the
+    two break it). Labels masking "the prompt" must use the same rule (the first
+    ``prompt_lengths[i]`` valid tokens, not the first ``prompt_lengths[i]`` columns, which
+    are padding on a left-padded row).
 
     Args:
         spec: as in :func:`positions_from_mask`.
