@@ -103,10 +103,8 @@ def main(argv=None):
             shape = f"B={B} T={T} d={d} r={r} P={args.P}"
             dt = str(dtype).replace("torch.", "")
             for name, s in res.items():
-                rows.append({"op": "loreft", "provider": name, "mode": mode, "shape": shape,
-                             "dtype": dt, "median_ms": s["median"] * 1e3,
-                             "p20_ms": s["p20"] * 1e3, "p80_ms": s["p80"] * 1e3,
-                             "n": s["n"], **env})
+                rows.append(common.ms_row(env, s, op="loreft", provider=name, mode=mode,
+                                          shape=shape, dtype=dt))
             for op_name in ("loreft_", "loreft"):
                 base = res[f"{op_name} write-g"]["median"]
                 for strategy in ("sparse", "dense", "write-g"):
@@ -120,8 +118,8 @@ def main(argv=None):
     stem = f"bench_grad_reuse-cpu-P{args.P}"
     path = common.write_rows(stem, rows)
     header = ["dtype", "mode", "op", "h's gradient", "ms (p20–p80)", "× write-g"]
-    md = (f"Machine: {env['device']}; torch {env['torch']}, reft_ext {env['reft_ext']}, "
-          f"{env['date']}. Shape B={B} T={T} d={d} r={r} P={args.P}, fp32 parameters, "
+    md = (f"{common.machine_line(env)} Shape B={B} T={T} d={d} r={r} P={args.P}, "
+          "fp32 parameters, "
           f"median of {reps} interleaved repeats; incoming gradient held by autograd alone."
           "\n\n" + common.markdown_table(header, table) + "\n")
     (common.RESULTS / f"{stem}.md").write_text(md)

@@ -8,9 +8,10 @@ Modes: fwd (forward with autograd recording), bwd (backward alone), fwd+bwd. h i
 non-leaf tensor requiring grad each repeat (made untimed), parameters require grad, as in
 training. The incoming gradient is, as in training, a fresh tensor that the layer above
 hands to autograd and nobody else holds (autograd then adds reft_ext's sparse row
-correction into it in place: see ops/_grad_reuse.py); the modes "bwd, caller's grad" and "fwd+bwd, caller's grad" pass a
-gradient the caller keeps (out.backward(grad)), which autograd must copy; with it, the
-"copy floor": the two fresh (B, T, d) copies that form requires of any implementation. Within
+correction into it in place: see ops/_grad_reuse.py); the modes "bwd, caller's grad" and
+"fwd+bwd, caller's grad" pass a gradient the caller keeps (out.backward(grad)), which
+autograd must copy; with it, the "copy floor": the two fresh (B, T, d) copies that form
+requires of any implementation. Within
 each mode the providers take turns, one repeat each per round (common.measure_interleaved),
 so drift of a shared machine does not tilt their ratios. Also the per-call overhead of
 reft_ext.loreft on a tiny input without grad.
@@ -174,10 +175,8 @@ def main(argv=None):
             res = bench_case(B, T, d, r, P, dtype, args.device, reps, gen)
             shape = f"B={B} T={T} d={d} r={r} P={P}"
             for (prov, mode), s in res.items():
-                rows.append({"op": "loreft", "provider": prov, "mode": mode, "shape": shape,
-                             "dtype": str(dtype).replace("torch.", ""),
-                             "median_ms": s["median"] * 1e3, "p20_ms": s["p20"] * 1e3,
-                             "p80_ms": s["p80"] * 1e3, "n": s["n"], **env})
+                rows.append(common.ms_row(env, s, op="loreft", provider=prov, mode=mode,
+                                          shape=shape, dtype=str(dtype).replace("torch.", "")))
             floor = res[("copy floor", "fwd+bwd, caller's grad")]
             floors.append(f"{str(dtype).replace('torch.', '')} P={P}: {common.fmt_ms(floor)} ms, "
                           f"at most {res[('eager', MODES[-1])]['median'] / floor['median']:.1f}x")
@@ -189,17 +188,15 @@ def main(argv=None):
                                   common.fmt_ms(res[(fused, mode)]), f"{ratio:.1f}x"])
             print(f"done {dtype} P={P}", file=sys.stderr)
     tiny = tiny_overhead(reps)
-    rows.append({"op": "loreft", "provider": "fused", "mode": "call overhead (no grad)",
-                 "shape": "B=1 T=4 d=8 r=2 P=1", "dtype": "float32",
-                 "median_ms": tiny["median"] * 1e3, "p20_ms": tiny["p20"] * 1e3,
-                 "p80_ms": tiny["p80"] * 1e3, "n": tiny["n"], **env})
+    rows.append(common.ms_row(env, tiny, op="loreft", provider="fused",
+                              mode="call overhead (no grad)", shape="B=1 T=4 d=8 r=2 P=1",
+                              dtype="float32"))
     name = args.name or f"bench_op-{args.device}"
     path = common.write_rows(name, rows)
     header = ["dtype", "P", "mode", "pair", "baseline ms (p20–p80)", "reft_ext ms (p20–p80)",
               "speed-up"]
-    md = (f"Machine: {env['device']}; torch {env['torch']}, reft_ext {env['reft_ext']}, "
-          f"{env['date']}. Shape B={B} T={T} d={d} r={r}, fp32 parameters, median of "
-          f"{reps} repeats.\n\n" + common.markdown_table(header, table) +
+    md = (f"{common.machine_line(env)} Shape B={B} T={T} d={d} r={r}, fp32 parameters, "
+          f"median of {reps} repeats.\n\n" + common.markdown_table(header, table) +
           f"\n\nPer-call overhead of reft_ext.loreft without grad (tiny input): "
           f"{tiny['median'] * 1e6:.1f} us (p20 {tiny['p20'] * 1e6:.1f}, p80 {tiny['p80'] * 1e6:.1f}).\n"
           "\nCopy floor of the out-of-place form with the caller's gradient (a fresh copy of h "

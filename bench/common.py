@@ -214,6 +214,19 @@ def write_rows(name: str, rows: list[dict]) -> Path:
     return write_csv(RESULTS / f"{name}.csv", rows)
 
 
+def ms_row(env: dict, stats: dict, **fields) -> dict:
+    """One CSV row of a timing in milliseconds: fields (op, provider, mode, shape, dtype, ...
+    in that order), median / p20 / p80 of stats (seconds), n, then the environment."""
+    return {**fields, "median_ms": stats["median"] * 1e3, "p20_ms": stats["p20"] * 1e3,
+            "p80_ms": stats["p80"] * 1e3, "n": stats["n"], **env}
+
+
+def machine_line(env: dict) -> str:
+    """'Machine: <device>; torch <v>, reft_ext <v>, <date>.' for a results table."""
+    return (f"Machine: {env['device']}; torch {env['torch']}, reft_ext {env['reft_ext']}, "
+            f"{env['date']}.")
+
+
 def fmt_ms(s: dict) -> str:
     """'median (p20–p80)' in milliseconds."""
     return f"{s['median'] * 1e3:.3f} ({s['p20'] * 1e3:.3f}–{s['p80'] * 1e3:.3f})"
