@@ -237,7 +237,7 @@ def layer_hook(layer: nn.Module, args, kwargs, output):
     # A traced graph (torch.compile) records nothing: its recomputes are traced with it.
     compiling = torch.compiler.is_compiling()
     x_in = None if compiling else _layer_input(args, kwargs)
-    h = None
+    h = _hidden(output)
     if not compiling and _in_backward():
         # A checkpoint recompute: the positions of the forward it repeats. An input that
         # cannot be keyed (a tensor subclass) gets this layer's latest forward's.
@@ -245,18 +245,13 @@ def layer_hook(layer: nn.Module, args, kwargs, output):
         if pos is _NOT_RECORDED:
             pos = link.last
     else:
-        h = _hidden(output)
-        pos = _forward_positions(link.state, h.transpose(0, 1) if link.seq_first else h)
+        pos = _forward_positions(link.state, h, link.seq_first)
         link.last = pos
         if x_in is not None and not torch.is_inference_mode_enabled():
             link.calls.record(x_in, pos)
     if pos is None:
         return None
-    h = _hidden(output) if h is None else h
-    if h.is_nested:
-        raise TypeError("reft_ext: the layer returned a nested tensor (nn.TransformerEncoder "
-                        "fast path); build it with enable_nested_tensor=False")
-    hv = h.transpose(0, 1) if link.seq_first else h            # (B, T, d)
+    hv = _batch_first(h, link.seq_first)
     if pos.device != hv.device:
         pos = _on_device(link.state, pos, hv.device)
     inplace = (not (hv.requires_grad and hv.is_leaf) and hv.stride(-1) == 1
@@ -275,12 +270,21 @@ def _layer_input(args, kwargs) -> torch.Tensor | None:
     return x if type(x) is torch.Tensor else None
 
 
-def _forward_positions(st: State, hv: torch.Tensor):
-    """The (B, P) positions this forward edits at a layer whose (B, T, d) output is hv, or
-    None for no edit."""
+def _batch_first(h: torch.Tensor, seq_first: bool) -> torch.Tensor:
+    """The (B, T, d) view of a layer's hidden states h, which are to be edited."""
+    if h.is_nested:
+        raise TypeError("reft_ext: the layer returned a nested tensor (nn.TransformerEncoder "
+                        "fast path); build it with enable_nested_tensor=False")
+    return h.transpose(0, 1) if seq_first else h
+
+
+def _forward_positions(st: State, h: torch.Tensor, seq_first: bool):
+    """The (B, P) positions this forward edits at a layer whose output hidden states are h,
+    or None for no edit."""
     pos = st.active
     if pos is None or st.disabled:
         return None
+    hv = _batch_first(h, seq_first)
     if pos is _FROM_SPEC:
         pos = _spec_positions(st, hv)
         st.active = pos
