@@ -83,24 +83,25 @@ class _CallRecord:
         return (_CallRecord, ())
 
     @staticmethod
-    def _key(x: torch.Tensor):
-        return (x.untyped_storage()._cdata, x.storage_offset(), tuple(x.shape), x.stride(),
-                x.dtype, x.device)
+    def _key(x: torch.Tensor, storage):
+        return (storage._cdata, x.storage_offset(), tuple(x.shape), x.stride(), x.dtype,
+                x.device)
 
     def record(self, x: torch.Tensor, pos) -> None:
         # (list(): another thread's forward may add entries meanwhile)
         for k, (ref, _) in list(self.entries.items()):
             if ref.expired():
                 self.entries.pop(k, None)
-        key = self._key(x)
+        storage = x.untyped_storage()
+        key = self._key(x, storage)
         old = self.entries.get(key)
         if old is not None and not _same_positions(old[1], pos):
             pos = _AMBIGUOUS
-        self.entries[key] = (StorageWeakRef(x.untyped_storage()), pos)
+        self.entries[key] = (StorageWeakRef(storage), pos)
 
     def lookup(self, x: torch.Tensor):
         """The positions recorded for input x, or _NOT_RECORDED."""
-        entry = self.entries.get(self._key(x))
+        entry = self.entries.get(self._key(x, x.untyped_storage()))
         if entry is None or entry[0].expired():
             return _NOT_RECORDED
         if entry[1] is _AMBIGUOUS:

@@ -79,9 +79,8 @@ def loreft_backward_reference(grad: torch.Tensor, positions: torch.Tensor, x: to
     Returns (grad_h (B, T, d) in grad's dtype: grad with dx at the edited rows, dR, dW, db
     in the dtypes of R, W, b).
     """
-    acc = acc_dtype(grad.dtype)
-    bi, t, xr = input_rows(positions, x, x_gathered)
-    xr = xr.to(acc)
+    bi, t, xr = input_rows(positions, x, x_gathered)   # in the accumulation dtype
+    acc = xr.dtype
     g = grad[bi, t].to(acc)
     Ra, Wa = R.to(acc), W.to(acc)
     M = Wa - Ra
