@@ -14,11 +14,11 @@ namespace reft_bind {
 
 // The fields of a Problem, in the order they arrive; the enum indexes this list.
 constexpr const char* kProblemFields[] = {
-    "B", "T", "P", "d", "r", "h_dtype", "pos", "pos_int64", "pos_stride_b", "pos_stride_p",
-    "R", "R_dtype", "W", "W_dtype", "b", "b_dtype", "num_threads", "stream"};
+    "B", "T", "P", "d", "r", "N", "h_dtype", "pos", "pos_int64", "pos_stride_b",
+    "pos_stride_p", "index", "index_int64", "index_stride_b", "index_stride_p", "R", "R_dtype", "W", "W_dtype", "b", "b_dtype", "num_threads", "stream"};
 enum ProblemField : int {
-  kB, kT, kP, kD, kR, kHDtype, kPos, kPosInt64, kPosStrideB, kPosStrideP,
-  kRPtr, kRDtype, kWPtr, kWDtype, kBPtr, kBDtype, kNumThreads, kStream, kNumProblemFields
+  kB, kT, kP, kD, kR, kN, kHDtype, kPos, kPosInt64, kPosStrideB, kPosStrideP,
+  kIndex, kIndexInt64, kIndexStrideB, kIndexStrideP, kRPtr, kRDtype, kWPtr, kWDtype, kBPtr, kBDtype, kNumThreads, kStream, kNumProblemFields
 };
 static_assert(sizeof(kProblemFields) / sizeof(kProblemFields[0]) == kNumProblemFields,
               "one name per Problem field");
@@ -65,8 +65,10 @@ struct type_caster<reft::Problem> {
     if (!read_ints<kNumProblemFields>(src, [&](int i, int64_t x) { f[i] = x; })) return false;
     auto ptr = [&](int i) { return as_ptr(static_cast<uintptr_t>(f[i])); };
     value.B = f[kB]; value.T = f[kT]; value.P = f[kP]; value.d = f[kD]; value.r = f[kR];
+    value.N = f[kN];
     value.h_dtype = static_cast<int>(f[kHDtype]);
     value.pos = {ptr(kPos), f[kPosInt64] != 0, f[kPosStrideB], f[kPosStrideP]};
+    value.index = {ptr(kIndex), f[kIndexInt64] != 0, f[kIndexStrideB], f[kIndexStrideP]};
     value.params = {ptr(kRPtr), static_cast<int>(f[kRDtype]), ptr(kWPtr),
                     static_cast<int>(f[kWDtype]), ptr(kBPtr), static_cast<int>(f[kBDtype])};
     value.num_threads = static_cast<int>(f[kNumThreads]);

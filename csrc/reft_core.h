@@ -33,8 +33,8 @@ struct Positions {
   int64_t stride_p;    // in elements
 };
 
-// Intervention parameters. Each of R, W (r, d) and b (r,) is contiguous, and has its own
-// dtype: h's dtype or float32.
+// Intervention parameters: a bank of N entries. Each of R, W (N, r, d) and b (N, r) is
+// contiguous (entry e's R at R + e * r * d), and has its own dtype: h's dtype or float32.
 struct Params {
   const void* R; int R_dtype;
   const void* W; int W_dtype;
@@ -43,14 +43,22 @@ struct Params {
 
 struct Problem {
   int64_t B, T, P, d, r;
+  int64_t N;           // bank entries (1 without an index)
   int h_dtype;         // dtype of the (B, T, d) tensors (h, out, grad)
   Positions pos;
+  // Bank index (B, P), int64 or int32, same layout rules as pos; data == nullptr: none
+  // (every slot uses entry 0, N == 1). Entry index[i, j] in [0, N) edits slot (i, j) with
+  // that entry's parameters; -1 leaves the slot empty, like a -1 position. A slot is
+  // edited when both its position and its index are >= 0.
+  Positions index;
   Params params;
   int num_threads;     // CPU only; <= 1 runs on the calling thread
   void* stream;        // CUDA only: cudaStream_t of the caller
 };
 
-// Checks every position is -1 or in [0, T) and appears at most once per row.
+// Checks every position is -1 or in [0, T) and appears at most once per row (among the
+// slots whose position is not -1, whatever their index), and every index entry is -1 or
+// in [0, N).
 // Returns true when valid; otherwise fills msg (NUL-terminated, at most msg_size bytes).
 bool check_positions_cpu(const Problem& p, char* msg, int64_t msg_size);
 
@@ -67,8 +75,10 @@ void loreft_forward_cpu(const Problem& p, Rows io, Rows saved, void* coef);
 // rows (other rows are left as they are, which is their gradient). x gives the forward's
 // input rows: when x_gathered, row (i, j) is at x.data + i*stride_b + j*stride_t, else at
 // row (i, pos[i, j]). dR, dW (r, d) and db (r,) are written (not accumulated) in the
-// accumulation type: float64 when h is float64, float32 otherwise. The reduction over rows
-// uses a fixed partition that depends only on the problem's shape, never on thread count.
+// accumulation type: float64 when h is float64, float32 otherwise; with a bank, (N, r, d)
+// and (N, r), entry e's the sum over the slots that use it (zeros for unused entries). The reduction over rows
+// uses a fixed partition that depends only on the problem's shape (and the index's
+// values), never on thread count.
 // coef: nullptr, or the forward's coef for these x and parameters, which the backward then
 // reads instead of computing z again (the same values: a row's z does not depend on the
 // tiling). delta: when delta.data != nullptr, gio is only read, and slot (i, j) of delta
@@ -91,7 +101,8 @@ constexpr int64_t kCudaMaxRank = 2048;
 
 // Validates the positions on the device: ORs into the int32 at `status` (device memory,
 // zeroed by the caller) the value 1 when an entry is neither -1 nor in [0, T), and 2 when
-// a token index repeats within a row (so 3 when both). Nothing else is written.
+// a token index repeats within a row (so 3 when both), and 4 when an index entry is
+// neither -1 nor in [0, N). Nothing else is written.
 void check_positions_cuda(const Problem& p, int32_t* status);
 
 // Forward, in place on io, as loreft_forward_cpu, except that the slots of saved whose

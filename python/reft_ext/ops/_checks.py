@@ -50,15 +50,19 @@ def check_inplace_layout(h) -> None:
                          "inputs")
 
 
-def check_inputs(op: str, h, positions, R, W, b) -> None:
+def check_inputs(op: str, h, positions, R, W, b, index=None) -> None:
     """Validates the metadata of a LoReFT call.
 
     h: (B, T, d) float; positions: (B, P) int64/int32; R, W: (r, d); b: (r,), each of R, W,
-    b in h's dtype or float32; all on h's device; 1 <= r <= d.
+    b in h's dtype or float32; all on h's device; 1 <= r <= d. With a bank index (B, P)
+    int64/int32: R, W (N, r, d) and b (N, r), N >= 1.
     """
     for name, t in (("h", h), ("positions", positions), ("R", R), ("W", W), ("b", b)):
         if not isinstance(t, torch.Tensor):
             _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if index is not None and not isinstance(index, torch.Tensor):
+        _fail(op, f"index must be a torch.Tensor or None, got {type(index).__name__}",
+              TypeError)
     if h.dim() != 3:
         _fail(op, f"h must have shape (B, T, d), got {tuple(h.shape)}")
     if h.dtype not in H_DTYPES:
@@ -71,24 +75,39 @@ def check_inputs(op: str, h, positions, R, W, b) -> None:
                   f"got {tuple(positions.shape)}")
     if positions.dtype not in POS_DTYPES:
         _fail(op, f"positions must be int64 or int32, got {positions.dtype}", TypeError)
-    if R.dim() != 2 or R.shape[1] != d:
-        _fail(op, f"R must have shape (r, d) with d={d}, got {tuple(R.shape)}")
-    r = R.shape[0]
+    bank = index is not None
+    if bank:
+        if tuple(index.shape) != tuple(positions.shape):
+            _fail(op, f"index must have the shape of positions {tuple(positions.shape)}, got "
+                      f"{tuple(index.shape)}")
+        if index.dtype not in POS_DTYPES:
+            _fail(op, f"index must be int64 or int32, got {index.dtype}", TypeError)
+        if R.dim() != 3 or R.shape[2] != d or R.shape[0] < 1:
+            _fail(op, f"R must have shape (N, r, d) with N >= 1 and d={d} when index is "
+                      f"given (a bank), got {tuple(R.shape)}")
+        lead, shape = (R.shape[0],), "(N, r, d)"
+    else:
+        if R.dim() != 2 or R.shape[1] != d:
+            hint = " (a bank (N, r, d) needs index=)" if R.dim() == 3 else ""
+            _fail(op, f"R must have shape (r, d) with d={d}, got {tuple(R.shape)}{hint}")
+        lead, shape = (), "(r, d)"
+    r = R.shape[-2]
     if r < 1:
         _fail(op, "R must have at least one row (rank r >= 1), got r=0")
     if r > d:
-        _fail(op, f"rank r={r} exceeds the hidden size d={d}: R (r, d) cannot have "
+        _fail(op, f"rank r={r} exceeds the hidden size d={d}: R {shape} cannot have "
                   f"orthonormal rows")
-    if tuple(W.shape) != (r, d):
-        _fail(op, f"W must have shape (r, d) = ({r}, {d}) like R, got {tuple(W.shape)}")
-    if tuple(b.shape) != (r,):
-        _fail(op, f"b must have shape (r,) = ({r},), got {tuple(b.shape)}")
+    if tuple(W.shape) != (*lead, r, d):
+        _fail(op, f"W must have shape {shape} = {(*lead, r, d)} like R, got {tuple(W.shape)}")
+    if tuple(b.shape) != (*lead, r):
+        _fail(op, f"b must have shape {(*lead, r)}, got {tuple(b.shape)}")
     allowed = (h.dtype, torch.float32)
     for name, t in (("R", R), ("W", W), ("b", b)):
         if t.dtype not in allowed:
             _fail(op, f"{name} must be {h.dtype} (h's dtype) or float32, got {t.dtype}",
                   TypeError)
-    for name, t in (("positions", positions), ("R", R), ("W", W), ("b", b)):
+    others = (("positions", positions), ("R", R), ("W", W), ("b", b))
+    for name, t in others + ((("index", index),) if bank else ()):
         if t.device != h.device:
             _fail(op, f"{name} is on {t.device} but h is on {h.device}; move it to {h.device}")
     if op == "loreft_":

@@ -35,13 +35,21 @@ def _problem_type():
     return collections.namedtuple("Problem", _native.lib().PROBLEM_FIELDS)
 
 
-def problem(h, positions, R, W, b, stream: int = 0):
-    """The described problem of a LoReFT call on these tensors (see csrc/reft_core.h)."""
+def problem(h, positions, R, W, b, stream: int = 0, index=None):
+    """The described problem of a LoReFT call on these tensors (see csrc/reft_core.h).
+    index: None, or the (B, P) bank index into R, W (N, r, d) and b (N, r)."""
     B, T, d = h.shape
+    if index is None:
+        N, idx = 1, (0, False, 0, 0)
+    else:
+        N = R.shape[0]
+        idx = (index.data_ptr(), index.dtype == torch.int64, index.stride(0), index.stride(1))
     return _problem_type()(
-        B=B, T=T, P=positions.shape[1], d=d, r=R.shape[0], h_dtype=DTYPE_CODE[h.dtype],
+        B=B, T=T, P=positions.shape[1], d=d, r=R.shape[-2], N=N,
+        h_dtype=DTYPE_CODE[h.dtype],
         pos=positions.data_ptr(), pos_int64=positions.dtype == torch.int64,
         pos_stride_b=positions.stride(0), pos_stride_p=positions.stride(1),
+        index=idx[0], index_int64=idx[1], index_stride_b=idx[2], index_stride_p=idx[3],
         R=R.data_ptr(), R_dtype=DTYPE_CODE[R.dtype], W=W.data_ptr(),
         W_dtype=DTYPE_CODE[W.dtype], b=b.data_ptr(), b_dtype=DTYPE_CODE[b.dtype],
         num_threads=torch.get_num_threads(), stream=stream)
@@ -52,12 +60,12 @@ def contig_params(R, W, b):
 
 
 def param_grad_buffers(R, x):
-    """dR, dW, db buffers in the accumulation dtype (the kernels reduce into them)."""
+    """dR, dW ((r, d), or (N, r, d) for a bank) and db ((r,) or (N, r)) buffers in the
+    accumulation dtype (the kernels reduce into them)."""
     acc = acc_dtype(x.dtype)
-    r, d = R.shape
-    return (torch.empty((r, d), dtype=acc, device=x.device),
-            torch.empty((r, d), dtype=acc, device=x.device),
-            torch.empty((r,), dtype=acc, device=x.device))
+    return (torch.empty(R.shape, dtype=acc, device=x.device),
+            torch.empty(R.shape, dtype=acc, device=x.device),
+            torch.empty(R.shape[:-1], dtype=acc, device=x.device))
 
 
 def param_grads(bufs, R, W, b):
