@@ -85,12 +85,12 @@ def check_inputs(op: str, h, positions, R, W, b, index=None) -> None:
         if R.dim() != 3 or R.shape[2] != d or R.shape[0] < 1:
             _fail(op, f"R must have shape (N, r, d) with N >= 1 and d={d} when index is "
                       f"given (a bank), got {tuple(R.shape)}")
-        lead, shape = (R.shape[0],), "(N, r, d)"
+        lead, shape, bshape = (R.shape[0],), "(N, r, d)", "(N, r)"
     else:
         if R.dim() != 2 or R.shape[1] != d:
             hint = " (a bank (N, r, d) needs index=)" if R.dim() == 3 else ""
             _fail(op, f"R must have shape (r, d) with d={d}, got {tuple(R.shape)}{hint}")
-        lead, shape = (), "(r, d)"
+        lead, shape, bshape = (), "(r, d)", "(r,)"
     r = R.shape[-2]
     if r < 1:
         _fail(op, "R must have at least one row (rank r >= 1), got r=0")
@@ -100,7 +100,7 @@ def check_inputs(op: str, h, positions, R, W, b, index=None) -> None:
     if tuple(W.shape) != (*lead, r, d):
         _fail(op, f"W must have shape {shape} = {(*lead, r, d)} like R, got {tuple(W.shape)}")
     if tuple(b.shape) != (*lead, r):
-        _fail(op, f"b must have shape {(*lead, r)}, got {tuple(b.shape)}")
+        _fail(op, f"b must have shape {bshape} = {(*lead, r)}, got {tuple(b.shape)}")
     allowed = (h.dtype, torch.float32)
     for name, t in (("R", R), ("W", W), ("b", b)):
         if t.dtype not in allowed:
