@@ -37,16 +37,17 @@ from reft_ext.ops.reference import loreft_reference, loreft_reference_  # noqa: 
 _real_backward = autograd._backward
 
 
-def _write_g_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=None,
+def _write_g_backward(ctx, grad, positions, x, x_gathered, R, W, b, index, coef=None,
                       sparse_ok=True):
     """Earlier releases' owned path: dx written into g's rows by the in-place CPU kernel."""
     need = ctx.needs_input_grad
     if (grad.device.type != "cpu" or not grad.is_contiguous() or grad.dtype != x.dtype
             or not need[0] or torch.is_grad_enabled()):
-        return _real_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef, sparse_ok)
-    dR, dW, db = _cpu.bwd_cpu_into(grad, positions, x, x_gathered, R, W, b, coef)
-    two_h = len(need) == 6
-    return (grad, *((None,) if two_h else ()), None, dR, dW, db)
+        return _real_backward(ctx, grad, positions, x, x_gathered, R, W, b, index, coef,
+                              sparse_ok)
+    dR, dW, db = _cpu.bwd_cpu_into(grad, positions, x, x_gathered, R, W, b, coef, index)
+    two_h = len(need) == 7
+    return (grad, *((None,) if two_h else ()), None, dR, dW, db, None)
 
 
 def _run_with(strategy):

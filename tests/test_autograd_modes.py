@@ -236,18 +236,19 @@ def test_graph_topologies(op_name, scenario, dtype, device):
     _check(op_name, scenario, dtype, device)
 
 
-def _always_reuse_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef=None,
+def _always_reuse_backward(ctx, grad, positions, x, x_gathered, R, W, b, index, coef=None,
                            sparse_ok=True):
     """A mutant: writes dx into the incoming gradient whoever holds it (the rule this
     file's matrix must reject)."""
     need = ctx.needs_input_grad
-    two_h = len(need) == 6
+    two_h = len(need) == 7
     if not grad.is_contiguous() or grad.dtype != x.dtype or torch.is_grad_enabled():
-        return _real_backward(ctx, grad, positions, x, x_gathered, R, W, b, coef, sparse_ok)
+        return _real_backward(ctx, grad, positions, x, x_gathered, R, W, b, index, coef,
+                              sparse_ok)
     grad_h, dR, dW, db = torch.ops.reft_ext.loreft_bwd(grad, positions, x, x_gathered, R, W,
-                                                       b, coef)
+                                                       b, coef, index)
     grad.copy_(grad_h)
-    return (grad, *((None,) if two_h else ()), None, dR, dW, db)
+    return (grad, *((None,) if two_h else ()), None, dR, dW, db, None)
 
 
 _real_backward = autograd._backward

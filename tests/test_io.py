@@ -321,8 +321,8 @@ def _corrupt(kind, ck):
     elif kind == "nan":
         t["layers.1.W"][0, 0] = float("nan")
         _rewrite(ck, t)
-    elif kind == "format-version-2":
-        _rewrite(ck, cfg_edit=lambda c: c.update(format_version=2))
+    elif kind == "format-version-3":
+        _rewrite(ck, cfg_edit=lambda c: c.update(format_version=3))
     elif kind == "format-version-0":
         _rewrite(ck, cfg_edit=lambda c: c.update(format_version=0))
     elif kind == "other-format":
@@ -340,6 +340,10 @@ def _corrupt(kind, ck):
         (ck / CONFIG_NAME).unlink()
     elif kind == "layer-out-of-range":
         _rewrite(ck, cfg_edit=lambda c: c.update(layers=[0, 5]))
+    elif kind == "tied-not-bool":
+        _rewrite(ck, cfg_edit=lambda c: c.update(tied="no"))
+    elif kind == "untied-claimed":   # a tied file that says untied: its tensors do not fit
+        _rewrite(ck, cfg_edit=lambda c: c.update(tied=False, positions="f2+l2"))
     else:
         raise AssertionError(kind)
 
@@ -352,12 +356,14 @@ BAD = {
     "manifest-missing": r"manifest does not match.*missing \['layers.1.rotate_raw'\]",
     "wrong-shape": "layers.1.W is float32 \\[2, 31\\]", "wrong-dtype": "layers.1.W is float64",
     "R-disagrees": "layers.1.R and layers.1.rotate_raw disagree", "nan": "non-finite",
-    "format-version-2": "format version 2, written by a newer reft_ext",
+    "format-version-3": "format version 3, written by a newer reft_ext",
     "format-version-0": "invalid format version 0", "other-format": "not a reft_ext checkpoint",
     "unknown-intervention": "unknown intervention 'noreft'",
     "bad-positions": "bad positions spec 'first7'", "bad-backend": "backend 'triton'",
     "config-truncated": "not valid JSON", "config-missing": "reft_config.json not found",
     "layer-out-of-range": "inconsistent",
+    "tied-not-bool": "'tied' must be true or false",
+    "untied-claimed": r"manifest does not match.*missing \['layers.0#0.R'",
 }
 
 

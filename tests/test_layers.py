@@ -20,7 +20,7 @@ LAYERS = [
     ("cli", ("reft_ext.cli",)),
     ("checkpoint", ("reft_ext.checkpoint",)),
     ("model", ("reft_ext.model",)),
-    ("interventions", ("reft_ext.modules",)),
+    ("interventions", ("reft_ext.bank", "reft_ext.modules")),
     ("ops", ("reft_ext.ops",)),
     ("native", ("reft_ext._build", "reft_ext._native", "reft_ext._version", "reft_ext._C")),
 ]

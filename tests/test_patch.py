@@ -380,7 +380,7 @@ def test_patch_config():
     assert reft_ext.patch.__module__ == "reft_ext.model.patch"
     from reft_ext.model.patch import patch_config
     assert patch_config(model) == {"layer_path": "transformer.h", "layers": [2, 0],
-                                   "n_layers": 3, "positions": "l1"}
+                                   "n_layers": 3, "positions": "l1", "tied": True}
 
 
 @pytest.mark.parametrize("kind", ["tensor", "tuple", "list", "namedtuple", "modeloutput"])

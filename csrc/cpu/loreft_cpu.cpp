@@ -74,6 +74,18 @@ const char* cpu_isa() {
 }
 
 bool check_positions_cpu(const Problem& p, char* msg, int64_t msg_size) {
+  if (p.index.data)
+    for (int64_t i = 0; i < p.B; ++i)
+      for (int64_t j = 0; j < p.P; ++j) {
+        const int64_t e = position_at(p.index, i, j);
+        if (e < -1 || e >= p.N) {
+          std::snprintf(msg, msg_size,
+                        "index[%lld, %lld] = %lld is out of range: expected -1 (empty slot) "
+                        "or a bank entry in [0, N=%lld)",
+                        (long long)i, (long long)j, (long long)e, (long long)p.N);
+          return false;
+        }
+      }
   std::vector<int64_t> seen_at;  // last row that used each token index, for large P
   if (p.P > 32) seen_at.assign(p.T, -1);
   for (int64_t i = 0; i < p.B; ++i) {

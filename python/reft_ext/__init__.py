@@ -4,7 +4,8 @@
     reft_ext.loreft_(h, positions, R, W, b)         # edits h's selected rows in place
 
 The public API, nothing else. The package in layers, each importing only those below it:
-cli -> checkpoint -> model -> modules (the interventions) -> ops -> _native / _build.
+cli -> checkpoint -> model -> bank -> modules (the interventions) -> ops -> _native /
+_build.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .model.patch import (disabled, interventions, is_patched, patch,
                           print_trainable_parameters, unpatch, use_positions)
 from .model.positions import (PositionSpec, parse_positions, positions_from_lengths,
                               positions_from_mask, positions_from_prompt)
+from .bank import Untied
 from .modules import DiReFT, LoReFT, orthonormal_rows
 from .ops import loreft, loreft_, loreft_reference, loreft_reference_
 from .checkpoint import CheckpointError, load, load_optimizer, load_pyreft, save
@@ -27,7 +29,7 @@ positions = use_positions
 __all__ = ["loreft", "loreft_", "loreft_reference", "loreft_reference_", "build_info",
            "__version__"]
 __all__ += ["positions", "PositionSpec", "parse_positions", "positions_from_lengths",
-            "positions_from_mask", "positions_from_prompt", "DiReFT", "LoReFT",
+            "positions_from_mask", "positions_from_prompt", "DiReFT", "LoReFT", "Untied",
             "orthonormal_rows", "disabled", "find_layers", "interventions", "is_patched",
             "patch", "print_trainable_parameters", "unpatch", "use_positions"]
 __all__ += ["save", "load", "load_optimizer", "load_pyreft", "CheckpointError",

@@ -115,6 +115,10 @@ class _Intervention(nn.Module):
     def _edit_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def kernel_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused kernel's (R, W, b): (r, d), (r, d), (r,)."""
+        return (*self._edit_matrices(), self.bias)
+
     @property
     def b(self) -> torch.Tensor:
         """(r,)."""

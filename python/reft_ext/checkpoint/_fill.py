@@ -12,6 +12,7 @@ from ..model.layers import find_layers, hidden_size
 from ..model.patch import interventions, patch, unpatch
 from ..modules import INTERVENTIONS
 from ._errors import CheckpointError
+from ._units import layer_of, units
 
 
 @contextlib.contextmanager
@@ -51,28 +52,30 @@ def _fitting_layers(model: nn.Module, op: str, where: str, layers: list[int], d:
     return path
 
 
-def patch_and_fill(model: nn.Module, values: dict[int, dict[str, torch.Tensor]], *,
+def patch_and_fill(model: nn.Module, values: dict, *,
                    op: str, where: str, kind: str, rank: int, d: int,
                    dtype: torch.dtype | None, layer_path: str | None,
                    saved_from: tuple[str, int] | None = None, **patch_kw) -> None:
     """patch(model, layers, rank, intervention=kind, ...) and set every intervention
-    parameter from values {layer: {tensor name: tensor}}, named as in a reft_ext checkpoint
-    (the class's SAVED_TENSORS), converted to dtype (None: each tensor's own dtype), after
-    checking that the layers fit (see _fitting_layers). Raises CheckpointError naming op
+    parameter from values {unit: {tensor name: tensor}} (unit: a layer index, or a unit key
+    of reft_ext.checkpoint._units with patch_kw tied=False), named as in a reft_ext
+    checkpoint (the class's SAVED_TENSORS), converted to dtype (None: each tensor's own
+    dtype), after checking that the layers fit (see _fitting_layers). Raises CheckpointError naming op
     and where before any change; leaves torch's RNG state as it was; on a failure while
     filling, the model is unpatched again."""
     names = INTERVENTIONS[kind].SAVED_TENSORS
-    params = {i: {names[n]: t for n, t in v.items()} for i, v in values.items()}
-    want = {i: {p: dtype if dtype is not None else t.dtype for p, t in v.items()}
-            for i, v in params.items()}
-    layers = list(params)
+    params = {str(u): {names[n]: t for n, t in v.items()} for u, v in values.items()}
+    want = {u: {p: dtype if dtype is not None else t.dtype for p, t in v.items()}
+            for u, v in params.items()}
+    layers = list(dict.fromkeys(layer_of(u) for u in params))
     path = _fitting_layers(model, op, where, layers, d, layer_path, saved_from)
     with _rng_untouched(model):
-        patch(model, layers, rank, intervention=kind, dtype=want[layers[0]]["weight"],
+        first = next(iter(want.values()))
+        patch(model, layers, rank, intervention=kind, dtype=first["weight"],
               layer_path=path, hidden_size=d, **patch_kw)
     try:
         with torch.no_grad():
-            for i, m in interventions(model).items():
+            for i, m in units(interventions(model)).items():
                 for pname, t in params[i].items():
                     p = getattr(m, pname)
                     if p.dtype != want[i][pname]:   # a checkpoint of mixed parameter dtypes

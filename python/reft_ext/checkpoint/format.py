@@ -6,12 +6,14 @@
     reft_ext.save(model, "out/reft", optimizer=opt)   # + optimizer state for exact resume
     reft_ext.load_optimizer(opt, "out/reft")
 
-A checkpoint directory (format version 1) holds two files, plus an optional third:
+A checkpoint directory (format version 1; 2 for untied interventions, which older
+readers refuse with "upgrade reft_ext") holds two files, plus an optional third:
 
 ``reft_config.json``
     {"format": "reft_ext", "format_version": 1, "library_version", "torch_version",
      "intervention": "loreft" | "direft", "d", "rank", "layers": [patch order],
      "layer_path", "n_layers" (length of the layer container), "positions" (default spec),
+     "tied" (false: two interventions per layer, patch(..., tied=False); absent: true),
      "dropout", "backend", "dtype" (parameter dtype, or "mixed"),
      "tensors": {name: {"dtype", "shape"}} (the manifest of the weights file),
      "weights_sha256" (of reft_model.safetensors), "base_model" (class name, informative),
@@ -34,6 +36,9 @@ A checkpoint directory (format version 1) holds two files, plus an optional thir
     * direft: ``layers.{i}.W1`` (r, d), ``layers.{i}.W2`` (r, d), ``layers.{i}.b`` (r,)
       (Phi(h) = h + W2^T (W1 h + b)).
 
+    Untied interventions store member k of layer i as unit ``{i}#{k}`` (pyreft's naming:
+    #0 edits the first tokens, #1 the last): ``layers.{i}#{k}.{name}``.
+
 ``optimizer.pt`` (only with ``save(..., optimizer=opt)``)
     ``optimizer.state_dict()`` (FSDP2 shards gathered into full tensors) written with
     torch.save; read back with ``torch.load(weights_only=True)`` by :func:`load_optimizer`.
@@ -55,17 +60,18 @@ from torch import nn
 
 from .._version import __version__
 from ..model.patch import interventions, is_patched, patch_config
-from ..model.positions import parse_positions
+from ..model.positions import check_untied_spec, parse_positions
 from ..modules import INTERVENTIONS, kind_of
 from . import _atomic, _dist
 from ._errors import CheckpointError
 from ._fill import patch_and_fill
+from ._units import unit_keys, units
 
 __all__ = ["save", "load", "load_optimizer", "read_config", "check_target", "FORMAT_VERSION",
            "CONFIG_NAME", "WEIGHTS_NAME", "OPTIMIZER_NAME"]
 
 FORMAT = "reft_ext"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: untied interventions ("tied": false); tied ones are still written as 1
 CONFIG_NAME = "reft_config.json"
 WEIGHTS_NAME = "reft_model.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -83,7 +89,7 @@ def _tensor_names(kind: str) -> tuple[str, ...]:
     return (*cls.DERIVED_TENSORS, *cls.SAVED_TENSORS)
 
 
-def _kind_of(mods: dict[int, nn.Module]) -> str:
+def _kind_of(mods: dict[str, nn.Module]) -> str:
     kinds = set()
     for i, m in mods.items():
         kind = kind_of(m)
@@ -115,8 +121,8 @@ def check_target(path: Path, where: str | None = None) -> None:
 
 # ------------------------------------------------------------------ save
 
-def _layer_tensors(mods: dict[int, nn.Module], kind: str) -> dict[str, torch.Tensor]:
-    """{"layers.{i}.{name}": full tensor on the CPU} (FSDP2: gathered, a collective)."""
+def _layer_tensors(mods: dict[str, nn.Module], kind: str) -> dict[str, torch.Tensor]:
+    """{"layers.{unit}.{name}": full tensor on the CPU} (FSDP2: gathered, a collective)."""
     cls = INTERVENTIONS[kind]
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -146,7 +152,7 @@ def _config(target, mods, kind, tensors, blob: bytes, optimizer) -> dict[str, An
     dtypes = {_dtype_name(p.dtype) for m in mods.values() for p in m.parameters()}
     cfg: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if pc["tied"] else 2,
         "library_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "intervention": kind,
@@ -156,6 +162,7 @@ def _config(target, mods, kind, tensors, blob: bytes, optimizer) -> dict[str, An
         "layer_path": pc["layer_path"],
         "n_layers": pc["n_layers"],
         "positions": pc["positions"],
+        "tied": pc["tied"],
         "dropout": float(first.dropout),
         "backend": first.backend,
         "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
@@ -197,7 +204,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None) -> Path:
     target, _ = _dist.unwrap(model)
     if not is_patched(target):
         raise CheckpointError("reft_ext.save: model is not patched by reft_ext.patch")
-    mods = interventions(target)
+    mods = units(interventions(target))
     kind = _kind_of(mods)
     tensors = _layer_tensors(mods, kind)
     opt_state = _gathered_state(optimizer) if optimizer is not None else None
@@ -206,7 +213,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None) -> Path:
 
     from safetensors.torch import save as st_save
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    blob = st_save(tensors, metadata={"format": "pt", "reft_ext_format": str(FORMAT_VERSION)})
+    version = "1" if patch_config(target)["tied"] else "2"
+    blob = st_save(tensors, metadata={"format": "pt", "reft_ext_format": version})
     files = {WEIGHTS_NAME: blob}
     if opt_state is not None:
         buf = io.BytesIO()
@@ -273,8 +281,12 @@ def read_config(path: str | os.PathLike) -> dict:
     spec = _need(cfg, "positions", str, cpath.name)
     dropout = _need(cfg, "dropout", (int, float), cpath.name)
     backend = _need(cfg, "backend", str, cpath.name)
+    tied = cfg.get("tied", True)
+    if not isinstance(tied, bool):
+        raise CheckpointError(f"reft_ext.load: {cpath}: 'tied' must be true or false, got "
+                              f"{tied!r}")
     try:
-        parse_positions(spec)
+        parse_positions(spec) if tied else check_untied_spec(spec)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"reft_ext.load: {cpath}: {e}") from None
     if not 0.0 <= dropout < 1.0 or backend not in ("fused", "reference"):
@@ -285,19 +297,20 @@ def read_config(path: str | os.PathLike) -> dict:
             for i in layers) or len(set(layers)) != len(layers):
         raise CheckpointError(f"reft_ext.load: {cpath}: inconsistent d={d}, rank={r}, "
                               f"layers={layers}, n_layers={n_layers}")
-    _check_manifest(_need(cfg, "tensors", dict, cpath.name), cpath, kind, d, r, layers)
+    _check_manifest(_need(cfg, "tensors", dict, cpath.name), cpath, kind, d, r,
+                    unit_keys(layers, tied))
     return cfg
 
 
 def _check_manifest(manifest: dict, cpath: Path, kind: str, d: int, r: int,
-                    layers: list[int]) -> None:
+                    keys: list[str]) -> None:
     """The config's "tensors" lists exactly the tensors of a `kind` checkpoint of these
-    layers, each a float dtype of shape (r,) for a bias "b", (r, d) for the others."""
-    want = {f"layers.{i}.{n}" for i in layers for n in _tensor_names(kind)}
+    units, each a float dtype of shape (r,) for a bias "b", (r, d) for the others."""
+    want = {f"layers.{u}.{n}" for u in keys for n in _tensor_names(kind)}
     if set(manifest) != want:
         raise CheckpointError(
             f"reft_ext.load: {cpath}: tensor manifest does not match a {kind} checkpoint of "
-            f"layers {layers}: missing {sorted(want - set(manifest))}, extra "
+            f"units {keys}: missing {sorted(want - set(manifest))}, extra "
             f"{sorted(set(manifest) - want)}")
     for name, meta in manifest.items():
         shape = [r] if name.rsplit(".", 1)[1] == "b" else [r, d]
@@ -345,7 +358,7 @@ def _check_derived(tensors: dict[str, torch.Tensor], cfg: dict, wpath: Path) -> 
     """Each derived tensor (LoReFT's R) agrees, to 64 ulps, with the one its class computes
     from the saved tensor it comes from: a file whose two disagree is refused."""
     for name, (src, derive) in INTERVENTIONS[cfg["intervention"]].DERIVED_TENSORS.items():
-        for i in cfg["layers"]:
+        for i in unit_keys(cfg["layers"], cfg.get("tied", True)):
             stored, raw = tensors[f"layers.{i}.{name}"], tensors[f"layers.{i}.{src}"]
             tol = 64 * torch.finfo(stored.dtype).eps
             try:
@@ -364,12 +377,16 @@ def _check_derived(tensors: dict[str, torch.Tensor], cfg: dict, wpath: Path) -> 
 
 def _check_patched_layout(target: nn.Module, cfg: dict, where: str) -> dict[int, nn.Module]:
     pc = patch_config(target)
-    mods = interventions(target)
+    mods = units(interventions(target))
     kind = cfg["intervention"]
     cls = INTERVENTIONS[kind]
     problems = []
     if pc["layers"] != cfg["layers"]:
         problems.append(f"layers {pc['layers']} vs {cfg['layers']} in the checkpoint")
+    if pc["tied"] != cfg.get("tied", True):
+        problems.append(f"{'tied' if pc['tied'] else 'untied'} interventions in the model vs "
+                        f"{'tied' if cfg.get('tied', True) else 'untied'} in the checkpoint")
+        mods = {}
     if pc["n_layers"] != cfg["n_layers"]:
         problems.append(f"{pc['n_layers']} layers in the model vs {cfg['n_layers']}")
     for i, m in mods.items():
@@ -458,15 +475,16 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
             f"patch) before wrapping it with DDP / FSDP / torch.compile")
 
     kind = cfg["intervention"]
-    values = {i: {n: tensors[f"layers.{i}.{n}"] for n in INTERVENTIONS[kind].SAVED_TENSORS}
-              for i in cfg["layers"]}
+    tied = cfg.get("tied", True)
+    values = {u: {n: tensors[f"layers.{u}.{n}"] for n in INTERVENTIONS[kind].SAVED_TENSORS}
+              for u in unit_keys(cfg["layers"], tied)}
     patch_and_fill(model, values, op="load", where=where, kind=kind, rank=cfg["rank"],
                    d=cfg["d"], dtype=dtype,
                    layer_path=layer_path if layer_path is not None else cfg["layer_path"],
                    saved_from=(cfg["layer_path"], cfg["n_layers"]),
                    positions=positions if positions is not None else cfg["positions"],
                    dropout=cfg["dropout"] if dropout is None else dropout,
-                   backend=backend if backend is not None else cfg["backend"])
+                   backend=backend if backend is not None else cfg["backend"], tied=tied)
     return model
 
 

@@ -33,8 +33,10 @@ class State:
 
     def __init__(self, spec: PositionSpec, layer_path: str, layer_ids: list[int],
                  requires_grad: dict[str, bool], forward_params: list[str],
-                 had_generate_attr: bool):
+                 had_generate_attr: bool, groups: int = 0):
         self.spec = spec
+        # 0: tied, (B, P) positions; N: untied, N interventions per layer, (B, N, P)
+        self.groups = groups
         self.layer_path = layer_path
         self.layer_ids = layer_ids
         self.requires_grad = requires_grad
@@ -143,13 +145,33 @@ def _cache_len(cache) -> int:
     return 0
 
 
-def check_explicit(pos, where: str) -> torch.Tensor:
+def check_explicit(pos, where: str, groups: int = 0) -> torch.Tensor:
+    """Explicit positions as the layers take them: (B, P) int64 for tied interventions;
+    for N untied ones (groups=N), a (B, N, P) tensor or a sequence of N (B, P_k) tensors
+    (group k for intervention #k), padded with -1 to a common P."""
+    if groups and isinstance(pos, (tuple, list)):
+        if len(pos) != groups:
+            raise ValueError(f"reft_ext: {where} for untied interventions must hold {groups} "
+                             f"position tensors, one per intervention (#0 first, #1 last), "
+                             f"got {len(pos)}")
+        parts = [check_explicit(p, f"{where}[{k}]") for k, p in enumerate(pos)]
+        if len({p.shape[0] for p in parts}) != 1:
+            raise ValueError(f"reft_ext: the tensors of {where} have different batch sizes "
+                             f"{[p.shape[0] for p in parts]}")
+        width = max(p.shape[1] for p in parts)
+        return torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1)
+                            for p in parts], dim=1)
+    want = f"(B, {groups}, P)" if groups else "(B, P)"
     if not isinstance(pos, torch.Tensor):
-        raise TypeError(f"reft_ext: {where} must be a (B, P) integer tensor, got "
+        raise TypeError(f"reft_ext: {where} must be a {want} integer tensor"
+                        f"{' or a tuple of tensors' if groups else ''}, got "
                         f"{type(pos).__name__}")
-    if pos.dim() != 2 or pos.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"reft_ext: {where} must be a (B, P) int64/int32 tensor, got shape "
-                         f"{tuple(pos.shape)} and dtype {pos.dtype}")
+    shape_ok = (pos.dim() == 3 and pos.shape[1] == groups) if groups else pos.dim() == 2
+    if not shape_ok or pos.dtype not in (torch.int64, torch.int32):
+        hint = (" (the model has untied interventions: give one group of positions per "
+                "intervention)" if groups else "")
+        raise ValueError(f"reft_ext: {where} must be a {want} int64/int32 tensor{hint}, got "
+                         f"shape {tuple(pos.shape)} and dtype {pos.dtype}")
     return pos.long()
 
 
@@ -157,7 +179,7 @@ def root_pre_hook(model: nn.Module, args, kwargs):
     st: State = model.__dict__["_reft_state"]
     explicit = kwargs.pop("reft_positions", None)
     if explicit is not None:
-        explicit = check_explicit(explicit, "reft_positions")
+        explicit = check_explicit(explicit, "reft_positions", st.groups)
     call = dict(zip(st.forward_params, args))
     call.update(kwargs)
     st.mask = None
@@ -324,7 +346,7 @@ def _spec_positions(st: State, h: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"reft_ext: the attention mask has shape {tuple(mask.shape)} but the "
                          f"layer's hidden states have (B, T) = ({B}, {T}); pass "
                          f"reft_positions= (B, P) explicitly")
-    return positions_from_mask(st.spec, mask.to(h.device))
+    return positions_from_mask(st.spec, mask.to(h.device), tied=not st.groups)
 
 
 class Generate:
@@ -342,7 +364,7 @@ class Generate:
         st: State = model.__dict__["_reft_state"]
         pos = None
         if reft_positions is not None:
-            pos = check_explicit(reft_positions, "reft_positions")
+            pos = check_explicit(reft_positions, "reft_positions", st.groups)
         elif st.context:
             pos = st.context[-1]
         else:
@@ -354,7 +376,7 @@ class Generate:
                 mask = kwargs.get("attention_mask")
                 if not isinstance(mask, torch.Tensor):
                     mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
-                pos = positions_from_mask(st.spec, mask)
+                pos = positions_from_mask(st.spec, mask, tied=not st.groups)
         prev, st.generate_positions = st.generate_positions, pos
         try:
             return type(model).generate(model, *args, **kwargs)

@@ -35,12 +35,13 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..bank import Untied
 from ..modules import build_intervention
 from .hooks import (Generate, Link, State, check_explicit, layer_hook, root_post_hook,
                     root_pre_hook)
 from .layers import find_layers, normalise_layers, seq_first
 from .layers import hidden_size as infer_hidden_size  # patch() has a hidden_size argument
-from .positions import PositionSpec, parse_positions
+from .positions import PositionSpec, check_untied_spec, parse_positions
 
 __all__ = ["patch", "unpatch", "is_patched", "interventions", "disabled", "use_positions",
            "print_trainable_parameters", "trainable_counts", "patch_config"]
@@ -52,7 +53,7 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
           positions: str | PositionSpec = "all", intervention="loreft",
           dtype: torch.dtype | None = None, layer_path: str | None = None,
           hidden_size: int | None = None, dropout: float = 0.0,
-          backend: str = "fused") -> nn.Module:
+          backend: str = "fused", tied: bool = True) -> nn.Module:
     """Adds trainable interventions to the decoder layers of ``model``, in place.
 
     Args:
@@ -72,6 +73,13 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
         hidden_size: d, to override inference from the config / layer parameters.
         dropout, backend: passed to LoReFT / DiReFT (backend "reference" runs the
             pure-PyTorch path instead of the fused op).
+        tied: True (default): one intervention per layer, applied at every position of
+            the spec. False: untied, as pyreft's share_weights=False: two interventions
+            per layer (a reft_ext.bank.Untied of two members), #0 editing the first p and
+            #1 the last s tokens of a "f{p}+l{s}" spec, each clipped to half the row's
+            valid tokens (pyreft's rule, see reft_ext.model.positions), both in one fused
+            call. Explicit positions are then (B, 2, P) or a tuple (first, last) of
+            (B, P_k) tensors.
 
     Returns:
         ``model``, with base parameters frozen and ``model.reft_interventions`` holding the
@@ -87,7 +95,9 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
                          "first")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"reft_ext.patch: rank must be a positive int, got {rank!r}")
-    spec = parse_positions(positions)
+    if not isinstance(tied, bool):
+        raise TypeError(f"reft_ext.patch: tied must be a bool, got {type(tied).__name__}")
+    spec = parse_positions(positions) if tied else check_untied_spec(positions)
     path, container = find_layers(model, layer_path)
     ids = normalise_layers(layers, len(container))
     blocks = list(container.children())
@@ -103,13 +113,17 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
         return build_intervention(intervention, d, rank, dtype=dtype, device=dev,
                                   dropout=dropout, backend=backend)
 
-    mods = nn.ModuleDict({str(i): make(blocks[i]) for i in ids})   # may raise: nothing done
+    def make_layer(block):
+        return make(block) if tied else Untied([make(block), make(block)])
+
+    mods = nn.ModuleDict({str(i): make_layer(blocks[i]) for i in ids})   # may raise: no change
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         params = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         params = []
-    st = State(spec, path, ids, requires_grad, params, "generate" in model.__dict__)
+    st = State(spec, path, ids, requires_grad, params, "generate" in model.__dict__,
+               0 if tied else 2)
     for p in model.parameters():
         p.requires_grad_(False)
     setattr(model, CONTAINER, mods)
@@ -195,7 +209,7 @@ def use_positions(model: nn.Module, positions: torch.Tensor) -> Iterator[nn.Modu
     wins. Also available as ``reft_ext.positions(model, positions)``.
     """
     st = _state(model, "positions")
-    st.context.append(check_explicit(positions, "positions"))
+    st.context.append(check_explicit(positions, "positions", st.groups))
     try:
         yield model
     finally:
@@ -230,8 +244,10 @@ def patch_config(model: nn.Module) -> dict:
     Returns:
         {"layer_path": dotted path of the layer container, "layers": patched layer indices
         in patch order, "n_layers": length of the container, "positions": the default
-        positions spec as a string ("all", "f7+l7", ...)}.
+        positions spec as a string ("all", "f7+l7", ...), "tied": False for untied
+        interventions}.
     """
     st = _state(model, "patch_config")
     return {"layer_path": st.layer_path, "layers": list(st.layer_ids),
-            "n_layers": len(model.get_submodule(st.layer_path)), "positions": str(st.spec)}
+            "n_layers": len(model.get_submodule(st.layer_path)), "positions": str(st.spec),
+            "tied": not st.groups}

@@ -13,6 +13,13 @@ row (attention mask 1), so left- and right-padded batches give the same edited t
                shorter than p + s) is listed once and the slot left -1
 
 Indices within a row come out in increasing token order, then the -1 fill.
+
+Untied interventions (``patch(..., tied=False)``: two interventions per layer, pyreft's
+share_weights=False) take (B, 2, P) positions: group 0, edited by intervention #0, holds
+the first min(p, n // 2) valid tokens of a row of n, group 1, edited by #1, the last
+min(s, n // 2), each padded with -1 to P = max(p, s). This is pyreft's rule
+(get_intervention_locations): clipping each side to half the row means the two groups
+never share a token. A row of one valid token is not edited.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Sequence, Union
 import torch
 
 __all__ = ["PositionSpec", "parse_positions", "positions_from_mask",
-           "positions_from_lengths", "positions_from_prompt"]
+           "positions_from_lengths", "positions_from_prompt", "check_untied_spec"]
 
 _PART = re.compile(r"^([fl])(\d+)$")
 
@@ -94,19 +101,33 @@ def _pack(sel: torch.Tensor, width: int) -> torch.Tensor:
     return torch.where(key < T, key, torch.full_like(key, -1))
 
 
-def positions_from_mask(spec: SpecLike, attention_mask: torch.Tensor) -> torch.Tensor:
+def check_untied_spec(spec: SpecLike) -> PositionSpec:
+    """The parsed spec, if untied interventions can use it: "f{p}+l{s}" with p, s >= 1."""
+    sp = parse_positions(spec)
+    if sp.all or not (sp.first and sp.last):
+        raise ValueError(f"reft_ext: untied interventions (tied=False) need a positions spec "
+                         f"'f<p>+l<s>' (one intervention edits the first p tokens, the other "
+                         f"the last s), got {str(sp)!r}")
+    return sp
+
+
+def positions_from_mask(spec: SpecLike, attention_mask: torch.Tensor, *,
+                        tied: bool = True) -> torch.Tensor:
     """Positions of a spec within the valid tokens of each row.
 
     Args:
         spec: "all", "last", "f{p}", "l{s}", "f{p}+l{s}" or a PositionSpec.
         attention_mask: (B, T), nonzero / True for valid tokens. Padding may be left, right
             or anywhere: tokens are counted in order among the valid ones.
+        tied: False for untied interventions (spec "f{p}+l{s}"; see the module docstring).
 
     Returns:
         (B, P) int64 on the mask's device; P = T for "all", else p + s. Overlapping first /
-        last tokens of short rows are listed once; unused slots are -1.
+        last tokens of short rows are listed once; unused slots are -1. Untied: (B, 2,
+        max(p, s)), group 0 the first min(p, n // 2) valid tokens, group 1 the last
+        min(s, n // 2).
     """
-    sp = parse_positions(spec)
+    sp = parse_positions(spec) if tied else check_untied_spec(spec)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         raise ValueError("reft_ext: attention_mask must be a (B, T) tensor, got "
                          f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
@@ -116,6 +137,12 @@ def positions_from_mask(spec: SpecLike, attention_mask: torch.Tensor) -> torch.T
         return _pack(valid, T)
     rank = valid.long().cumsum(dim=1)                  # 1-based rank among valid tokens
     n = rank[:, -1:] if T > 0 else rank.new_zeros(valid.shape[0], 1)
+    if not tied:
+        half = n // 2
+        first = valid & (rank <= half.clamp(max=sp.first))
+        last = valid & (rank > n - half.clamp(max=sp.last))
+        width = max(sp.first, sp.last)
+        return torch.stack((_pack(first, width), _pack(last, width)), dim=1)
     sel = valid & ((rank <= sp.first) | (rank > n - sp.last))
     return _pack(sel, sp.width)
 
@@ -132,7 +159,7 @@ def _as_long(x, name) -> torch.Tensor:
 
 def positions_from_lengths(spec: SpecLike, lengths: Sequence[int] | torch.Tensor,
                            seq_len: int, *, start: Sequence[int] | torch.Tensor | None = None,
-                           device=None) -> torch.Tensor:
+                           device=None, tied: bool = True) -> torch.Tensor:
     """Positions of a spec within the span [start_i, start_i + lengths_i) of each row.
 
     For a collator that intervenes on prompt tokens only while the loss covers the response:
@@ -144,9 +171,11 @@ def positions_from_lengths(spec: SpecLike, lengths: Sequence[int] | torch.Tensor
         lengths: (B,) span lengths (e.g. prompt lengths), ints >= 0.
         seq_len: T, the padded length; every span must fit in [0, T).
         start: (B,) span starts (default 0).
+        tied: False for untied interventions, as in :func:`positions_from_mask`.
 
     Returns:
-        (B, P) int64 (on ``device`` or lengths' device), as :func:`positions_from_mask`.
+        (B, P) int64 (on ``device`` or lengths' device), as :func:`positions_from_mask`
+        ((B, 2, P) untied).
     """
     L = _as_long(lengths, "lengths")
     S = torch.zeros_like(L) if start is None else _as_long(start, "start")
@@ -162,11 +191,11 @@ def positions_from_lengths(spec: SpecLike, lengths: Sequence[int] | torch.Tensor
         L, S = L.to(device), S.to(device)
     idx = torch.arange(seq_len, device=L.device)
     mask = (idx >= S[:, None]) & (idx < (S + L)[:, None])
-    return positions_from_mask(spec, mask)
+    return positions_from_mask(spec, mask, tied=tied)
 
 
 def positions_from_prompt(spec: SpecLike, prompt_lengths: Sequence[int] | torch.Tensor,
-                          attention_mask: torch.Tensor) -> torch.Tensor:
+                          attention_mask: torch.Tensor, *, tied: bool = True) -> torch.Tensor:
     """Positions of a spec within the first ``prompt_lengths[i]`` valid tokens of each row.
 
     Works for either padding side: only ``attention_mask`` says where a row's tokens are.
@@ -184,9 +213,10 @@ def positions_from_prompt(spec: SpecLike, prompt_lengths: Sequence[int] | torch.
         spec: as in :func:`positions_from_mask`.
         prompt_lengths: (B,) ints >= 0, each at most the row's number of valid tokens.
         attention_mask: (B, T).
+        tied: False for untied interventions, as in :func:`positions_from_mask`.
 
     Returns:
-        (B, P) int64 on the mask's device.
+        (B, P) int64 on the mask's device ((B, 2, P) untied).
     """
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         raise ValueError("reft_ext: attention_mask must be a (B, T) tensor")
@@ -200,4 +230,4 @@ def positions_from_prompt(spec: SpecLike, prompt_lengths: Sequence[int] | torch.
         raise ValueError(f"reft_ext: prompt_lengths {L.tolist()} exceed the valid tokens per "
                          f"row {n.tolist()}")
     rank = valid.long().cumsum(dim=1)
-    return positions_from_mask(spec, valid & (rank <= L[:, None]))
+    return positions_from_mask(spec, valid & (rank <= L[:, None]), tied=tied)

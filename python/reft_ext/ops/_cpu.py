@@ -16,15 +16,15 @@ from ._marshal import (NO_ROWS, bump_version, contig_params, inner_contiguous,
 
 
 @torch.library.impl("reft_ext::loreft_fwd", "cpu")
-def _fwd_cpu(h, positions, R, W, b):
+def _fwd_cpu(h, positions, R, W, b, index=None):
     R, W, b = contig_params(R, W, b)
     out = h.clone(memory_format=torch.contiguous_format)
-    raise_if("loreft", _native.lib().forward_cpu(problem(h, positions, R, W, b), rows(out),
-                                                 NO_ROWS, 0))
+    raise_if("loreft", _native.lib().forward_cpu(problem(h, positions, R, W, b, index=index),
+                                                 rows(out), NO_ROWS, 0))
     return out
 
 
-def fwd_inplace_cpu(h, positions, R, W, b, save_rows):
+def fwd_inplace_cpu(h, positions, R, W, b, save_rows, index=None):
     """CPU kernel of reft_ext::loreft_fwd_."""
     check_inplace_layout(h)
     R, W, b = contig_params(R, W, b)
@@ -35,7 +35,7 @@ def fwd_inplace_cpu(h, positions, R, W, b, save_rows):
     saved = h.new_empty((B, P, d) if save_rows else (0,))
     saved_rows = rows(saved) if save_rows else NO_ROWS
     coef = coef_buffer(h, positions, R, save_rows)
-    raise_if("loreft_", _native.lib().forward_cpu(problem(h, positions, R, W, b),
+    raise_if("loreft_", _native.lib().forward_cpu(problem(h, positions, R, W, b, index=index),
                                                   rows(h), saved_rows,
                                                   coef.data_ptr() if save_rows else 0))
     bump_version(h)
@@ -49,7 +49,7 @@ def _coef_ptr(coef, grad, positions, R) -> int:
     """Data pointer of a coef the CPU backward may read, or 0 (None or empty: recompute)."""
     if coef is None or coef.numel() == 0:
         return 0
-    want = (grad.shape[0], positions.shape[1], R.shape[0])
+    want = (grad.shape[0], positions.shape[1], R.shape[-2])
     if tuple(coef.shape) != want or coef.dtype != acc_dtype(grad.dtype) or \
             not coef.is_contiguous() or coef.device != grad.device:
         raise ValueError(f"reft_ext.loreft_bwd: coef must be a contiguous {want} tensor of "
@@ -58,38 +58,39 @@ def _coef_ptr(coef, grad, positions, R) -> int:
     return coef.data_ptr()
 
 
-def _backward_cpu(g, positions, x, x_gathered, R, W, b, coef, delta_rows):
+def _backward_cpu(g, positions, x, x_gathered, R, W, b, coef, delta_rows, index=None):
     """One backward_cpu call reading g's selected rows: dx into g's rows when delta_rows is
     NO_ROWS, else the corrections dx - g into delta_rows' buffer. Returns dR, dW, db."""
     coef_ptr = _coef_ptr(coef, g, positions, R)
     Rc, Wc, bc = contig_params(R, W, b)
     x = inner_contiguous(x)
     bufs = param_grad_buffers(R, x)
-    _native.lib().backward_cpu(problem(g, positions, Rc, Wc, bc), rows(g), rows(x),
-                               x_gathered, coef_ptr, *(t.data_ptr() for t in bufs),
+    _native.lib().backward_cpu(problem(g, positions, Rc, Wc, bc, index=index), rows(g),
+                               rows(x), x_gathered, coef_ptr, *(t.data_ptr() for t in bufs),
                                delta_rows)
     return param_grads(bufs, R, W, b)
 
 
-def bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef=None):
+def bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef=None, index=None):
     """Overwrites grad_h's selected rows (holding g) with dx; returns dR, dW, db."""
-    return _backward_cpu(grad_h, positions, x, x_gathered, R, W, b, coef, NO_ROWS)
+    return _backward_cpu(grad_h, positions, x, x_gathered, R, W, b, coef, NO_ROWS, index)
 
 
 @torch.library.impl("reft_ext::loreft_bwd", "cpu")
-def _bwd_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
+def _bwd_cpu(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
     grad_h = grad.to(x.dtype).clone(memory_format=torch.contiguous_format)
-    return grad_h, *bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef)
+    return grad_h, *bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef, index)
 
 
-def bwd_rows_cpu(grad, positions, x, x_gathered, R, W, b, coef=None):
+def bwd_rows_cpu(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
     """CPU kernel of reft_ext::loreft_bwd_rows: one pass that reads g's selected rows in
     place and writes their corrections."""
     g = inner_contiguous(grad.to(x.dtype))
     B, P = positions.shape
     # Empty, not zeros: the kernel writes every slot (zeros for -1 slots).
     delta = g.new_empty((B, P, g.shape[2]))
-    return delta, *_backward_cpu(g, positions, x, x_gathered, R, W, b, coef, rows(delta))
+    return delta, *_backward_cpu(g, positions, x, x_gathered, R, W, b, coef, rows(delta),
+                                 index)
 
 
 torch.library.impl("reft_ext::loreft_bwd_rows", "cpu")(bwd_rows_cpu)
