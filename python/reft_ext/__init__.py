@@ -15,7 +15,8 @@ from .model.patch import (disabled, interventions, is_patched, patch,
                           print_trainable_parameters, unpatch, use_positions)
 from .model.positions import (PositionSpec, parse_positions, positions_from_lengths,
                               positions_from_mask, positions_from_prompt)
-from .modules import DiReFT, LoReFT, orthonormal_rows
+from .modules import (ConsReFT, DiReFT, LobiReFT, LoReFT, NodiReFT, NoReFT,
+                      orthonormal_rows)
 from .ops import loreft, loreft_, loreft_reference, loreft_reference_
 from .checkpoint import CheckpointError, load, load_optimizer, load_pyreft, save
 
@@ -27,7 +28,8 @@ positions = use_positions
 __all__ = ["loreft", "loreft_", "loreft_reference", "loreft_reference_", "build_info",
            "__version__"]
 __all__ += ["positions", "PositionSpec", "parse_positions", "positions_from_lengths",
-            "positions_from_mask", "positions_from_prompt", "DiReFT", "LoReFT",
+            "positions_from_mask", "positions_from_prompt", "LoReFT", "NoReFT", "ConsReFT",
+            "LobiReFT", "DiReFT", "NodiReFT",
             "orthonormal_rows", "disabled", "find_layers", "interventions", "is_patched",
             "patch", "print_trainable_parameters", "unpatch", "use_positions"]
 __all__ += ["save", "load", "load_optimizer", "load_pyreft", "CheckpointError",

@@ -10,7 +10,9 @@ A checkpoint directory (format version 1) holds two files, plus an optional thir
 
 ``reft_config.json``
     {"format": "reft_ext", "format_version": 1, "library_version", "torch_version",
-     "intervention": "loreft" | "direft", "d", "rank", "layers": [patch order],
+     "intervention": one of reft_ext.modules.INTERVENTIONS ("loreft", "noreft",
+     "consreft", "lobireft", "direft", "nodireft"), "intervention_options" (only for a
+     type with options: NoReFT's {"add_bias": bool}), "d", "rank", "layers": [patch order],
      "layer_path", "n_layers" (length of the layer container), "positions" (default spec),
      "dropout", "backend", "dtype" (parameter dtype, or "mixed"),
      "tensors": {name: {"dtype", "shape"}} (the manifest of the weights file),
@@ -31,8 +33,16 @@ A checkpoint directory (format version 1) holds two files, plus an optional thir
       (~1 ulp), so load() restores rotate_raw and recomputes R with the same code, which
       gives bitwise-identical outputs and bitwise-identical training after a resume.
       load() checks that R and rotate_raw agree (to 64 ulps) and rejects the file if not.
-    * direft: ``layers.{i}.W1`` (r, d), ``layers.{i}.W2`` (r, d), ``layers.{i}.b`` (r,)
+    * consreft, lobireft: ``R``, ``rotate_raw`` and ``b`` as loreft (no W).
+    * direft (orthonormal R, pyreft's DireftIntervention): as loreft.
+    * noreft: ``layers.{i}.W1`` (r, d), ``layers.{i}.W2`` (r, d), ``layers.{i}.b`` (r,),
+      and ``layers.{i}.c`` (r,) with add_bias (Phi(h) = h + W2^T (W1 h + b - W2 h - c)).
+    * nodireft: ``layers.{i}.W1`` (r, d), ``layers.{i}.W2`` (r, d), ``layers.{i}.b`` (r,)
       (Phi(h) = h + W2^T (W1 h + b)).
+
+    Older checkpoints: before the six pyreft types, reft_ext's "direft" was the type with
+    a free W2 (pyreft's NodiReFT). A file with intervention "direft" and tensors W1, W2, b
+    is that type and is read as "nodireft", with the same math (:func:`read_config`).
 
 ``optimizer.pt`` (only with ``save(..., optimizer=opt)``)
     ``optimizer.state_dict()`` (FSDP2 shards gathered into full tensors) written with
@@ -77,10 +87,23 @@ def _dtype_name(t: torch.dtype) -> str:
     return str(t).removeprefix("torch.")
 
 
-def _tensor_names(kind: str) -> tuple[str, ...]:
-    """The tensors a checkpoint of `kind` holds per layer: derived ones first."""
+def _tensor_names(kind: str, options: dict) -> tuple[str, ...]:
+    """The tensors a checkpoint of `kind` built with `options` holds per layer: derived
+    ones first."""
     cls = INTERVENTIONS[kind]
-    return (*cls.DERIVED_TENSORS, *cls.SAVED_TENSORS)
+    return (*cls.DERIVED_TENSORS, *cls.saved_tensors(**options))
+
+
+_VECTORS = ("b", "c")     # the (r,) tensors of any type; all others are (r, d)
+
+
+def _options_of(mods: dict[int, nn.Module]) -> dict:
+    """The construction options (e.g. NoReFT's add_bias) shared by every layer."""
+    opts = [m.options() for m in mods.values()]
+    if any(o != opts[0] for o in opts):
+        raise CheckpointError(f"reft_ext.save: the layers' interventions were built with "
+                              f"different options {opts}")
+    return opts[0]
 
 
 def _kind_of(mods: dict[int, nn.Module]) -> str:
@@ -115,17 +138,18 @@ def check_target(path: Path, where: str | None = None) -> None:
 
 # ------------------------------------------------------------------ save
 
-def _layer_tensors(mods: dict[int, nn.Module], kind: str) -> dict[str, torch.Tensor]:
+def _layer_tensors(mods: dict[int, nn.Module], kind: str,
+                   options: dict) -> dict[str, torch.Tensor]:
     """{"layers.{i}.{name}": full tensor on the CPU} (FSDP2: gathered, a collective)."""
     cls = INTERVENTIONS[kind]
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for i, m in mods.items():
             full = {fname: _dist.full(getattr(m, pname))
-                    for fname, pname in cls.SAVED_TENSORS.items()}
+                    for fname, pname in cls.saved_tensors(**options).items()}
             for name, (src, derive) in cls.DERIVED_TENSORS.items():
                 full[name] = derive(full[src])
-            for fname in _tensor_names(kind):
+            for fname in _tensor_names(kind, options):
                 out[f"layers.{i}.{fname}"] = full[fname].cpu()
     return out
 
@@ -140,7 +164,8 @@ def _gathered_state(optimizer) -> dict:
     return state
 
 
-def _config(target, mods, kind, tensors, blob: bytes, optimizer) -> dict[str, Any]:
+def _config(target, mods, kind, options, tensors, blob: bytes,
+            optimizer) -> dict[str, Any]:
     pc = patch_config(target)
     first = next(iter(mods.values()))
     dtypes = {_dtype_name(p.dtype) for m in mods.values() for p in m.parameters()}
@@ -150,6 +175,7 @@ def _config(target, mods, kind, tensors, blob: bytes, optimizer) -> dict[str, An
         "library_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "intervention": kind,
+        **({"intervention_options": options} if INTERVENTIONS[kind].OPTIONS else {}),
         "d": int(first.d),
         "rank": int(first.rank),
         "layers": pc["layers"],
@@ -199,7 +225,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None) -> Path:
         raise CheckpointError("reft_ext.save: model is not patched by reft_ext.patch")
     mods = interventions(target)
     kind = _kind_of(mods)
-    tensors = _layer_tensors(mods, kind)
+    options = _options_of(mods)
+    tensors = _layer_tensors(mods, kind, options)
     opt_state = _gathered_state(optimizer) if optimizer is not None else None
     if _dist.rank() != 0:
         return path
@@ -212,7 +239,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None) -> Path:
         buf = io.BytesIO()
         torch.save(opt_state, buf)
         files[OPTIMIZER_NAME] = buf.getvalue()
-    cfg = _config(target, mods, kind, tensors, blob, optimizer)
+    cfg = _config(target, mods, kind, options, tensors, blob, optimizer)
     files[CONFIG_NAME] = (json.dumps(cfg, indent=2) + "\n").encode()
     check_target(path)
     _atomic.write_dir(path, files)
@@ -265,6 +292,11 @@ def read_config(path: str | os.PathLike) -> dict:
     if kind not in INTERVENTIONS:
         raise CheckpointError(f"reft_ext.load: {path}: unknown intervention {kind!r}; this "
                               f"reft_ext knows {sorted(INTERVENTIONS)}")
+    manifest = _need(cfg, "tensors", dict, cpath.name)
+    if kind == "direft" and any(k.endswith(".W1") for k in manifest):
+        # Written before "direft" meant pyreft's DiReFT: a free-W2 (NodiReFT) checkpoint.
+        kind = cfg["intervention"] = "nodireft"
+    options = _read_options(cfg, kind, cpath)
     d = _need(cfg, "d", int, cpath.name)
     r = _need(cfg, "rank", int, cpath.name)
     layers = _need(cfg, "layers", list, cpath.name)
@@ -285,22 +317,36 @@ def read_config(path: str | os.PathLike) -> dict:
             for i in layers) or len(set(layers)) != len(layers):
         raise CheckpointError(f"reft_ext.load: {cpath}: inconsistent d={d}, rank={r}, "
                               f"layers={layers}, n_layers={n_layers}")
-    _check_manifest(_need(cfg, "tensors", dict, cpath.name), cpath, kind, d, r, layers)
+    _check_manifest(manifest, cpath, kind, options, d, r, layers)
     return cfg
 
 
-def _check_manifest(manifest: dict, cpath: Path, kind: str, d: int, r: int,
+def _read_options(cfg: dict, kind: str, cpath: Path) -> dict:
+    """The checkpoint's intervention options, checked against the type's OPTIONS {name:
+    default} (same names, same types); a missing one takes the default. Stored back in
+    cfg["intervention_options"], complete, for the rest of load()."""
+    declared = INTERVENTIONS[kind].OPTIONS
+    opts = cfg.get("intervention_options", {})
+    if not isinstance(opts, dict) or set(opts) - set(declared) or any(
+            type(v) is not type(declared[k]) for k, v in opts.items()):
+        raise CheckpointError(f"reft_ext.load: {cpath}: bad intervention_options {opts!r} "
+                              f"for {kind!r} (its options and defaults: {declared})")
+    cfg["intervention_options"] = {**declared, **opts}
+    return cfg["intervention_options"]
+
+
+def _check_manifest(manifest: dict, cpath: Path, kind: str, options: dict, d: int, r: int,
                     layers: list[int]) -> None:
     """The config's "tensors" lists exactly the tensors of a `kind` checkpoint of these
-    layers, each a float dtype of shape (r,) for a bias "b", (r, d) for the others."""
-    want = {f"layers.{i}.{n}" for i in layers for n in _tensor_names(kind)}
+    layers, each a float dtype of shape (r,) for a bias "b" / "c", (r, d) for the others."""
+    want = {f"layers.{i}.{n}" for i in layers for n in _tensor_names(kind, options)}
     if set(manifest) != want:
         raise CheckpointError(
             f"reft_ext.load: {cpath}: tensor manifest does not match a {kind} checkpoint of "
             f"layers {layers}: missing {sorted(want - set(manifest))}, extra "
             f"{sorted(set(manifest) - want)}")
     for name, meta in manifest.items():
-        shape = [r] if name.rsplit(".", 1)[1] == "b" else [r, d]
+        shape = [r] if name.rsplit(".", 1)[1] in _VECTORS else [r, d]
         if (not isinstance(meta, dict) or meta.get("dtype") not in _FLOAT_DTYPES
                 or meta.get("shape") != shape):
             raise CheckpointError(f"reft_ext.load: {cpath}: bad manifest entry for {name}: "
@@ -377,6 +423,10 @@ def _check_patched_layout(target: nn.Module, cfg: dict, where: str) -> dict[int,
             problems.append(f"layer {i} holds a {type(m).__name__}, the checkpoint a "
                             f"{cls.__name__}")
             break
+        if m.options() != cfg["intervention_options"]:
+            problems.append(f"layer {i} has options {m.options()} vs "
+                            f"{cfg['intervention_options']}")
+            break
         if (m.d, m.rank) != (cfg["d"], cfg["rank"]):
             problems.append(f"layer {i} has d={m.d}, rank={m.rank} vs d={cfg['d']}, "
                             f"rank={cfg['rank']}")
@@ -392,7 +442,8 @@ def _staged(mods, cfg, tensors, where: str, cast: torch.dtype | None) -> list:
     before the first write, so a failure cannot leave the model half loaded."""
     out = []
     for i, m in mods.items():
-        for fname, pname in INTERVENTIONS[cfg["intervention"]].SAVED_TENSORS.items():
+        cls = INTERVENTIONS[cfg["intervention"]]
+        for fname, pname in cls.saved_tensors(**cfg["intervention_options"]).items():
             p = getattr(m, pname)
             t = tensors[f"layers.{i}.{fname}"]
             if cast is not None:
@@ -457,11 +508,12 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
             f"reft_ext.load: {type(model).__name__} wraps an unpatched model; load (or "
             f"patch) before wrapping it with DDP / FSDP / torch.compile")
 
-    kind = cfg["intervention"]
-    values = {i: {n: tensors[f"layers.{i}.{n}"] for n in INTERVENTIONS[kind].SAVED_TENSORS}
+    kind, options = cfg["intervention"], cfg["intervention_options"]
+    values = {i: {n: tensors[f"layers.{i}.{n}"]
+                  for n in INTERVENTIONS[kind].saved_tensors(**options)}
               for i in cfg["layers"]}
-    patch_and_fill(model, values, op="load", where=where, kind=kind, rank=cfg["rank"],
-                   d=cfg["d"], dtype=dtype,
+    patch_and_fill(model, values, op="load", where=where, kind=kind, options=options,
+                   rank=cfg["rank"], d=cfg["d"], dtype=dtype,
                    layer_path=layer_path if layer_path is not None else cfg["layer_path"],
                    saved_from=(cfg["layer_path"], cfg["n_layers"]),
                    positions=positions if positions is not None else cfg["positions"],
