@@ -332,12 +332,13 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
 
     Exactness: pyreft's ``rotate_layer`` is R^T (d, r) (for the orthonormal types); it is
     imported as ``rotate_raw = R``, unchanged. reft_ext's forward uses
-    R' = orthonormal_rows(rotate_raw), a sign-fixed QR, which maps a matrix with orthonormal rows to itself; pyreft's R is orthonormal only
-    to float32 rounding, so R' = R + E with max|E| <~ max|R R^T - I| + a few eps32
-    (measured: <= 1.5 eps32 = 1.8e-7 for d <= 4096, r <= 32; tests assert
-    <= max|R R^T - I| + 4 eps32). The imported edit therefore equals pyreft's formula to
-    float32 rounding (tests: within 2x PyTorch's own float32 error + 4 ulps, the suite's
-    rule), far below a bf16 model's resolution. Using pyreft's R bit for bit would need an
+    R' = orthonormal_rows(rotate_raw), a sign-fixed QR, which maps a matrix with
+    orthonormal rows to itself; pyreft's R is orthonormal only to float32 rounding, so
+    R' = R + E with max|E| <~ max|R R^T - I| + a few eps32 (measured: <= 1.5 eps32 =
+    1.8e-7 for d <= 4096, r <= 32; tests assert <= max|R R^T - I| + 4 eps32). The
+    imported edit therefore equals pyreft's formula to float32 rounding (tests: within 2x
+    PyTorch's own float32 error + 4 ulps, the suite's rule), far below a bf16 model's
+    resolution. Using pyreft's R bit for bit would need an
     intervention option that skips the QR (and then R drifts off orthonormality in
     training); not worth it at this error. A reft_ext save of the imported model reloads
     bitwise.
