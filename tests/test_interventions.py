@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import reft_ext
 from reft_ext.modules import (INTERVENTIONS, ConsReFT, DiReFT, LobiReFT, LoReFT, NodiReFT,

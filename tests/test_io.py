@@ -164,6 +164,12 @@ def test_noreft_add_bias_must_match_and_options_are_checked(tmp_path):
     with pytest.raises(CheckpointError, match="options"):
         reft_ext.load(plain, ck)
     assert_same_snapshot(before, snapshot(plain))
+    # the options reach the module together with dropout / backend (patch() gets a factory)
+    loaded = reft_ext.load(copy.deepcopy(base), ck, dropout=0.25, backend="reference")
+    m = reft_ext.interventions(loaded)[1]
+    assert (m.add_bias, m.dropout, m.backend) == (True, 0.25, "reference")
+    assert_bitwise_equal(m.proj_bias.detach(), reft_ext.interventions(model)[1].proj_bias.detach(),
+                         "c")
     for bad in ({"add_bias": 1}, {"bias": True}, [True]):
         _rewrite(ck, cfg_edit=lambda c, bad=bad: c.update(intervention_options=bad))
         with pytest.raises(CheckpointError, match="bad intervention_options"):

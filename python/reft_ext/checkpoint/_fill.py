@@ -74,9 +74,10 @@ def patch_and_fill(model: nn.Module, values: dict[int, dict[str, torch.Tensor]],
     if options:   # patch() takes a name or a factory: the options need a factory
         dropout, backend = patch_kw.pop("dropout", 0.0), patch_kw.pop("backend", "fused")
 
-        def intervention(d_, rank_, *, dtype, device):
+        def with_options(d_, rank_, *, dtype, device):
             return build_intervention(kind, d_, rank_, dtype=dtype, device=device,
                                       dropout=dropout, backend=backend, **options)
+        intervention = with_options
     # any parameter's dtype: patch() builds all in it, a mixed checkpoint is fixed below
     first = next(iter(want[layers[0]].values()))
     with _rng_untouched(model):
