@@ -1,13 +1,21 @@
-"""LoReFT / DiReFT modules and the QR orthonormalisation."""
+"""The six intervention modules (LoReFT, NoReFT, ConsReFT, LobiReFT, DiReFT, NodiReFT)
+and the QR orthonormalisation.
+
+Each type is checked against its own formula written out here from its parameters
+(TYPE_FORMULAS), never through the module's kernel_params(): the forward in float32 /
+bfloat16 / float64 hidden states, every parameter's gradient, fused vs reference backend,
+dropout, init, and training through patch().
+"""
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import reft_ext
-from reft_ext.modules import DiReFT, LoReFT, orthonormal_rows
+from reft_ext.modules import (INTERVENTIONS, ConsReFT, DiReFT, LobiReFT, LoReFT, NodiReFT,
+                              NoReFT, orthonormal_rows)
 from reft_ext.ops.reference import loreft_reference
+from _util import assert_within_rule
 
 
 def _h(B=3, T=7, d=16, dtype=torch.float32):
@@ -109,30 +117,6 @@ def test_loreft_stays_orthonormal_under_adamw_weight_decay():
     assert (R - R0).abs().max() > 0.1                    # and R did train
 
 
-def test_direft_formula_and_grads():
-    torch.manual_seed(0)
-    m = DiReFT(16, 4)
-    h = _h()
-    pos = _pos()
-    W1, W2, b = (t.detach().clone().requires_grad_(True) for t in (m.W1, m.W2, m.b))
-    hx = h.clone().requires_grad_(True)
-    out = m(hx, pos, inplace=False)
-    # h + W2^T (W1 h + b) at the selected rows, written out directly
-    ref = h.clone().requires_grad_(True)
-    expect = ref.clone()
-    bi, pj = (pos >= 0).nonzero(as_tuple=True)
-    x = ref[bi, pos[bi, pj]]
-    expect[bi, pos[bi, pj]] = x + (x @ W1.T + b) @ W2
-    torch.testing.assert_close(out, expect)
-    g = torch.randn_like(out)
-    out.backward(g)
-    expect.backward(g)
-    torch.testing.assert_close(hx.grad, ref.grad)
-    torch.testing.assert_close(m.weight.grad, W1.grad)
-    torch.testing.assert_close(m.proj.grad, W2.grad)
-    torch.testing.assert_close(m.bias.grad, b.grad)
-
-
 def test_dropout_acts_on_the_edit_of_edited_rows():
     torch.manual_seed(0)
     m = LoReFT(16, 4, dropout=0.5)
@@ -156,64 +140,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="rank"):
         LoReFT(4, 5)
     with pytest.raises(ValueError, match="rank"):
-        DiReFT(4, 0)
+        NodiReFT(4, 0)
     with pytest.raises(ValueError, match="dropout"):
         LoReFT(4, 2, dropout=1.0)
     with pytest.raises(ValueError, match="backend"):
         LoReFT(4, 2, backend="cuda")
     with pytest.raises(ValueError, match="d must"):
         LoReFT(0, 1)
-
-
-# ---- parity with pyreft (formulas transcribed from pyreft/interventions.py; pyreft is
-# not a dependency). LoreftIntervention: rotate_layer.weight is (d, r) (R = weight.T),
-# learned_source = nn.Linear(d, r):
-#     rotated_base = self.rotate_layer(base)                  # base @ weight
-#     output = base + torch.matmul(
-#         (self.act_fn(self.learned_source(base)) - rotated_base), self.rotate_layer.weight.T)
-#     return self.dropout(output.to(base.dtype))
-# DireftIntervention: proj_layer = nn.Linear(d, r) (weight (r, d)):
-#     output = base + torch.matmul(self.act_fn(self.learned_source(cast_base)),
-#                                  self.proj_layer.weight)
-
-def _pyreft_loreft(base, rotate_weight, learned_source):
-    rotated_base = base @ rotate_weight
-    return base + (learned_source(base) - rotated_base) @ rotate_weight.T
-
-
-def _pyreft_direft(base, proj_weight, learned_source):
-    return base + learned_source(base) @ proj_weight
-
-
-def _rows(out, h, pos):
-    bi, pj = (pos >= 0).nonzero(as_tuple=True)
-    return out[bi, pos[bi, pj]], h[bi, pos[bi, pj]]
-
-
-def test_parity_with_pyreft_loreft():
-    torch.manual_seed(0)
-    m = LoReFT(16, 4).double()
-    ls = nn.Linear(16, 4).double()
-    with torch.no_grad():
-        ls.weight.copy_(m.W)
-        ls.bias.copy_(m.b)
-    h = _h(dtype=torch.float64)
-    pos = _pos()
-    ours, x = _rows(m(h, pos, inplace=False), h, pos)
-    torch.testing.assert_close(ours, _pyreft_loreft(x, m.R.T, ls))
-
-
-def test_parity_with_pyreft_direft():
-    torch.manual_seed(0)
-    m = DiReFT(16, 4).double()
-    ls = nn.Linear(16, 4).double()
-    with torch.no_grad():
-        ls.weight.copy_(m.W1)
-        ls.bias.copy_(m.b)
-    h = _h(dtype=torch.float64)
-    pos = _pos()
-    ours, x = _rows(m(h, pos, inplace=False), h, pos)
-    torch.testing.assert_close(ours, _pyreft_direft(x, m.W2, ls))
 
 
 def test_callable_modules_do_not_shadow():
@@ -244,3 +177,245 @@ def test_loreft_16bit_parameters(dtype):
     pos = torch.tensor([[0, 3], [4, -1]])
     m(h.clone(), pos).float().square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+# ---- every type against its own formula -------------------------------------------
+# Phi at the selected rows x (N, d), written from the module's parameters by name
+# (p: {parameter name: tensor}), as in the module docstring's table, NOT through
+# kernel_params(): these are what the kernel mapping has to reproduce. R =
+# orthonormal_rows(rotate_raw) is the types' parametrisation (tested above), not the mapping.
+
+def _R(p):
+    return orthonormal_rows(p["rotate_raw"])
+
+
+TYPE_FORMULAS = {
+    "loreft": lambda x, p: x + (x @ p["weight"].T + p["bias"] - x @ _R(p).T) @ _R(p),
+    "noreft": lambda x, p: x + (x @ p["weight"].T + p["bias"]
+                                - (x @ p["proj"].T + p.get("proj_bias", 0.0))) @ p["proj"],
+    "consreft": lambda x, p: x + (p["bias"] - x @ _R(p).T) @ _R(p),
+    "lobireft": lambda x, p: x + p["bias"] @ _R(p),
+    "direft": lambda x, p: x + (x @ p["weight"].T + p["bias"]) @ _R(p),
+    "nodireft": lambda x, p: x + (x @ p["weight"].T + p["bias"]) @ p["proj"],
+}
+
+# (registered name, construction options); NoReFT also with pyreft's add_bias
+TYPES = [pytest.param(k, {}, id=k) for k in INTERVENTIONS]
+TYPES.insert(2, pytest.param("noreft", {"add_bias": True}, id="noreft-add_bias"))
+D_, R4 = 24, 4
+
+
+def test_every_registered_type_has_a_formula_here():
+    assert set(TYPE_FORMULAS) == set(INTERVENTIONS)
+    assert [c.__name__ for c in INTERVENTIONS.values()] == [
+        "LoReFT", "NoReFT", "ConsReFT", "LobiReFT", "DiReFT", "NodiReFT"]
+
+
+def _module(kind, opts, dtype=torch.float32, seed=0, **kw):
+    """A `kind` module with fresh random parameters (not its init, where W and b are tiny
+    and c may be absent): rotate_raw, biases ~ N(0, 1), matrices ~ N(0, 1/d)."""
+    torch.manual_seed(seed)
+    m = INTERVENTIONS[kind](D_, R4, dtype=dtype, **opts, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            scale = 1.0 if p.dim() == 1 or n == "rotate_raw" else D_ ** -0.5
+            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return m
+
+
+def _formula(kind, h, pos, p):
+    """h with TYPE_FORMULAS[kind] applied at the selected rows, evaluated in p's dtype
+    (h converted to it), returned in h's dtype; differentiable in h and p."""
+    work = next(iter(p.values())).dtype
+    bi, pj = (pos >= 0).nonzero(as_tuple=True)
+    t = pos[bi, pj]
+    hw = h.to(work)
+    out = hw.clone()
+    out[bi, t] = TYPE_FORMULAS[kind](hw[bi, t], p)
+    return out.to(h.dtype)
+
+
+def _inputs(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, 7, D_, generator=g).to(dtype)
+    return h, _pos(), torch.randn(3, 7, D_, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind, opts", TYPES)
+def test_type_forward_matches_its_formula(kind, opts, h_dtype):
+    """Forward = the type's formula (float64 truth), under the suite's tolerance rule with
+    PyTorch's own error taken from the same formula in the working dtype; unselected rows
+    bitwise unchanged. float32 parameters on float32 / bfloat16 h (patch()'s default),
+    float64 on float64."""
+    pdt = torch.float64 if h_dtype == torch.float64 else torch.float32
+    m = _module(kind, opts, pdt, seed=1)
+    h, pos, _ = _inputs(h_dtype, seed=2)
+    with torch.no_grad():
+        ours = m(h.clone(), pos, inplace=False)
+        p = dict(m.named_parameters())
+        ref64 = _formula(kind, h.double(), pos, {n: t.double() for n, t in p.items()})
+        same = _formula(kind, h, pos, {n: t.detach() for n, t in p.items()})
+    assert_within_rule(f"{kind} forward", ours, ref64, same)
+    sel = torch.zeros(h.shape[:2], dtype=torch.bool)
+    sel[(pos >= 0).nonzero(as_tuple=True)[0], pos[pos >= 0]] = True
+    assert torch.equal(ours[~sel], h[~sel])
+    assert (ours[sel].double() - h[sel].double()).abs().max() > 0.1     # not a no-op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind, opts", TYPES)
+def test_type_gradients_match_autograd_of_its_formula(kind, opts, dtype):
+    """d(out . g)/d(h and every parameter) through the module (fused kernel, kernel_params
+    mapping, QR) = autograd through the type's formula, under the tolerance rule."""
+    m = _module(kind, opts, dtype, seed=3)
+    h, pos, g = _inputs(dtype, seed=4)
+    x = h.clone().requires_grad_(True)
+    m(x, pos, inplace=False).backward(g)
+    grads = {"h": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+    def formula_grads(work):
+        # fresh leaves (clone: .to() of the same dtype would return h / p themselves)
+        hl = h.to(work).clone().requires_grad_(True)
+        p = {n: t.detach().to(work).clone().requires_grad_(True)
+             for n, t in m.named_parameters()}
+        _formula(kind, hl, pos, p).backward(g.to(work))
+        return {"h": hl.grad, **{n: t.grad for n, t in p.items()}}
+
+    ref64, same = formula_grads(torch.float64), formula_grads(dtype)
+    assert set(grads) == set(ref64) and all(v is not None for v in grads.values())
+    for n in grads:
+        assert_within_rule(f"{kind} d{n}", grads[n], ref64[n], same[n])
+        assert ref64[n].abs().max() > 1e-3, n        # every parameter is really exercised
+
+
+@pytest.mark.parametrize("kind, opts", TYPES)
+def test_type_fused_and_reference_backends_agree(kind, opts):
+    a = _module(kind, opts, seed=5)
+    b = _module(kind, opts, seed=5, backend="reference")
+    h, pos, g = _inputs(torch.float32, seed=6)
+    outs = []
+    for m in (a, b):
+        x = h.clone().requires_grad_(True)
+        out = m(x.clone(), pos)                         # in place, on a non-leaf
+        out.backward(g)
+        outs.append((out.detach(), x.grad, {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    for n in outs[0][2]:
+        torch.testing.assert_close(outs[0][2][n], outs[1][2][n], msg=n)
+
+
+@pytest.mark.parametrize("kind, opts", TYPES)
+def test_type_kernel_params_drive_forward(kind, opts):
+    """kernel_params() gives the kernel's (r, d), (r, d), (r,) in the parameters' dtype,
+    and forward is exactly the kernel with them (what a bank of modules will stack)."""
+    m = _module(kind, opts, seed=7, backend="reference")
+    R, W, b = m.kernel_params()
+    assert (R.shape, W.shape, b.shape) == ((R4, D_), (R4, D_), (R4,))
+    assert R.dtype == W.dtype == b.dtype == torch.float32
+    assert R.requires_grad and b.requires_grad
+    h, pos, _ = _inputs(torch.float32, seed=8)
+    with torch.no_grad():
+        assert torch.equal(m(h.clone(), pos), loreft_reference(h, pos, *m.kernel_params()))
+
+
+@pytest.mark.parametrize("kind, opts", TYPES)
+def test_type_init_like_pyreft(kind, opts):
+    """Reproducible from the seed; orthonormal rotate_raw; nn.Linear(d, r) bounds for
+    W / W1 / W2 / c and the Linear-made b; U[0, 1) for ConsReFT / LobiReFT's b."""
+    d = 64
+    torch.manual_seed(3)
+    a = INTERVENTIONS[kind](d, 8, **opts)
+    torch.manual_seed(3)
+    b = INTERVENTIONS[kind](d, 8, **opts)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values()))
+    p = dict(a.named_parameters())
+    assert ("proj_bias" in p) == bool(opts.get("add_bias"))
+    if "rotate_raw" in p:
+        torch.testing.assert_close(a.R @ a.R.T, torch.eye(8), atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.R, a.rotate_raw)
+    for n in ("weight", "proj", "proj_bias"):
+        if n in p:
+            assert p[n].abs().max() <= d ** -0.5 and p[n].std() > 0.3 * d ** -0.5, n
+    if kind in ("consreft", "lobireft"):
+        assert 0 <= a.bias.min() and a.bias.max() < 1 and a.bias.max() > d ** -0.5
+    else:
+        assert a.bias.abs().max() <= d ** -0.5
+
+
+@pytest.mark.parametrize("kind, opts", TYPES)
+def test_type_dropout_acts_on_the_edit_of_edited_rows(kind, opts):
+    """One rule for every type: training-mode dropout zeroes elements of the edit (and
+    scales the rest by 1/(1-p)); unselected rows and eval mode are untouched."""
+    m = _module(kind, opts, seed=9, dropout=0.5)
+    h, pos, _ = _inputs(torch.float32, seed=10)
+    m.eval()
+    no_drop = m(h, pos, inplace=False)
+    m.train()
+    out = m(h, pos, inplace=False)
+    sel = torch.zeros(h.shape[:2], dtype=torch.bool)
+    sel[(pos >= 0).nonzero(as_tuple=True)[0], pos[pos >= 0]] = True
+    assert torch.equal(out[~sel], h[~sel])
+    delta, full = (out - h)[sel], (no_drop - h)[sel]
+    dropped = delta == 0
+    assert 0.2 < dropped.float().mean() < 0.8
+    torch.testing.assert_close(delta[~dropped], 2 * full[~dropped])
+
+
+@pytest.mark.parametrize("kind", list(INTERVENTIONS))
+def test_patch_with_each_type_trains(kind):
+    """patch(model, ..., intervention=kind) on a tiny Llama: AdamW lowers the loss, and
+    every intervention parameter moved."""
+    from patch_helpers import batch
+    from test_io import llama
+    model = llama()
+    torch.manual_seed(0)
+    reft_ext.patch(model, [0, 2], rank=4, positions="f2+l2", intervention=kind)
+    mods = reft_ext.interventions(model)
+    assert all(type(m) is INTERVENTIONS[kind] for m in mods.values())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert before and all(n.startswith("reft_interventions.") for n in before)
+    ids, mask = batch(left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    model.train()
+    for _ in range(20):
+        opt.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    for n, p in model.named_parameters():
+        if n in before:
+            assert not torch.equal(p.detach(), before[n]), n
+
+
+def test_noreft_add_bias_and_options():
+    assert NoReFT(8, 2).options() == {"add_bias": False} and NoReFT(8, 2).proj_bias is None
+    assert NoReFT(8, 2, add_bias=True).proj_bias.shape == (2,)
+    assert NoReFT.saved_tensors(add_bias=True) == {"W1": "weight", "W2": "proj", "b": "bias",
+                                                   "c": "proj_bias"}
+    assert LoReFT(8, 2).options() == {}
+    with pytest.raises(ValueError, match="add_bias"):
+        NoReFT(8, 2, add_bias=1)
+    with pytest.raises(ValueError, match="no option"):
+        reft_ext.modules.build_intervention("loreft", 8, 2, dtype=torch.float32,
+                                            device=None, add_bias=True)
+    m = reft_ext.modules.build_intervention("NoReFT", 8, 2, dtype=torch.float32,
+                                            device=None, add_bias=True)
+    assert type(m) is NoReFT and m.add_bias
+
+
+def test_types_are_distinct_classes_with_pyreft_meaning():
+    """DiReFT has an orthonormal R (pyreft's DireftIntervention); the free-W2 type that
+    reft_ext called DiReFT before is NodiReFT."""
+    assert {n for n, _ in DiReFT(8, 2).named_parameters()} == {"rotate_raw", "weight", "bias"}
+    assert {n for n, _ in NodiReFT(8, 2).named_parameters()} == {"weight", "bias", "proj"}
+    assert {n for n, _ in ConsReFT(8, 2).named_parameters()} == {"rotate_raw", "bias"}
+    assert {n for n, _ in LobiReFT(8, 2).named_parameters()} == {"rotate_raw", "bias"}
+    assert reft_ext.DiReFT is DiReFT and reft_ext.NodiReFT is NodiReFT

@@ -53,22 +53,37 @@ def params(model):
 
 # ------------------------------------------------------------------ round trips
 
+def intervention_arg(kind: str):
+    """(registered name, patch()'s intervention=) for a case's kind; "noreft+add_bias" is
+    NoReFT with pyreft's add_bias (a factory: options are not patch() arguments)."""
+    if kind == "noreft+add_bias":
+        return "noreft", lambda d, r, **kw: reft_ext.NoReFT(d, r, add_bias=True, **kw)
+    return kind, kind
+
+
 CASES = {
     # name: (model dtype, intervention, parameter dtype)
     "loreft-fp32": (torch.float32, "loreft", None),
     "loreft-fp32params-on-bf16": (torch.bfloat16, "loreft", torch.float32),
+    "noreft-fp32": (torch.float32, "noreft", None),
+    "noreft-add_bias-bf16": (torch.bfloat16, "noreft+add_bias", torch.bfloat16),
+    "consreft-fp32": (torch.float32, "consreft", None),
+    "lobireft-fp32params-on-bf16": (torch.bfloat16, "lobireft", torch.float32),
     "direft-bf16": (torch.bfloat16, "direft", torch.bfloat16),
     "direft-fp32": (torch.float32, "direft", None),
+    "nodireft-bf16": (torch.bfloat16, "nodireft", torch.bfloat16),
+    "nodireft-fp32": (torch.float32, "nodireft", None),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_roundtrip_bitwise(case, tmp_path):
     mdtype, kind, pdtype = CASES[case]
+    kind, arg = intervention_arg(kind)
     base = llama().to(mdtype)
     model = copy.deepcopy(base)
     torch.manual_seed(0)
-    reft_ext.patch(model, [2, 0], rank=4, positions="f2+l3", intervention=kind, dtype=pdtype)
+    reft_ext.patch(model, [2, 0], rank=4, positions="f2+l3", intervention=arg, dtype=pdtype)
     randomise(model)
     ids, mask = batch()
     out = reft_ext.save(model, tmp_path / "ck")
@@ -77,6 +92,10 @@ def test_roundtrip_bitwise(case, tmp_path):
     assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode   # not mkdtemp's 0700
     cfg = json.loads((out / CONFIG_NAME).read_text())
     assert cfg["format_version"] == 1 and cfg["intervention"] == kind
+    m0 = reft_ext.interventions(model)[0]
+    assert cfg.get("intervention_options", {}) == m0.options()
+    assert ("layers.0.c" in cfg["tensors"]) == m0.options().get("add_bias", False)
+    assert ("layers.0.rotate_raw" in cfg["tensors"]) == hasattr(m0, "rotate_raw")
     assert (cfg["layers"], cfg["rank"], cfg["d"], cfg["positions"]) == ([2, 0], 4, 32, "f2+l3")
     assert cfg["layer_path"] == "model.layers" and cfg["n_layers"] == 3
     assert cfg["library_version"] == reft_ext.__version__
@@ -97,11 +116,64 @@ def test_roundtrip_bitwise(case, tmp_path):
     # into a patched model with the same layout: in place (same Parameter objects)
     other = copy.deepcopy(base)
     torch.manual_seed(99)
-    reft_ext.patch(other, [2, 0], rank=4, positions="f2+l3", intervention=kind, dtype=pdtype)
+    reft_ext.patch(other, [2, 0], rank=4, positions="f2+l3", intervention=arg, dtype=pdtype)
     ids_before = {n: id(p) for n, p in other.named_parameters()}
     reft_ext.load(other, out)
     assert {n: id(p) for n, p in other.named_parameters()} == ids_before
     assert_bitwise_equal(logits(other, ids, mask), logits(model, ids, mask), "logits")
+
+
+def test_pre_six_types_direft_checkpoint_loads_as_nodireft(tmp_path):
+    """Before the six pyreft types, reft_ext's "direft" was the free-W2 type (pyreft's
+    NodiReFT) and its checkpoints said intervention "direft" with tensors W1, W2, b (no
+    intervention_options): such a file loads as "nodireft", with bitwise the same outputs,
+    into an unpatched model and in place into a patched NodiReFT one; a patched DiReFT
+    (orthonormal R, other tensors) does not fit it."""
+    base = llama()
+    model = copy.deepcopy(base)
+    torch.manual_seed(0)
+    reft_ext.patch(model, [0, 2], rank=4, positions="f2+l2", intervention="nodireft")
+    randomise(model)
+    ck = reft_ext.save(model, tmp_path / "ck")
+    cfg = json.loads((ck / CONFIG_NAME).read_text())
+    assert sorted(cfg["tensors"]) == [f"layers.{i}.{n}" for i in (0, 2) for n in ("W1", "W2", "b")]
+    assert "intervention_options" not in cfg
+    cfg["intervention"] = "direft"                  # what the older writer recorded
+    (ck / CONFIG_NAME).write_text(json.dumps(cfg))
+    assert reft_ext.checkpoint.read_config(ck)["intervention"] == "nodireft"
+    ids, mask = batch()
+    loaded = reft_ext.load(copy.deepcopy(base), ck)
+    assert all(type(m) is reft_ext.NodiReFT for m in reft_ext.interventions(loaded).values())
+    assert_bitwise_equal(logits(loaded, ids, mask), logits(model, ids, mask), "logits")
+    other = reft_ext.patch(copy.deepcopy(base), [0, 2], rank=4, positions="f2+l2",
+                           intervention="nodireft")
+    reft_ext.load(other, ck)
+    assert_bitwise_equal(logits(other, ids, mask), logits(model, ids, mask), "logits")
+    wrong = reft_ext.patch(copy.deepcopy(base), [0, 2], rank=4, intervention="direft")
+    with pytest.raises(CheckpointError, match="holds a DiReFT, the checkpoint a NodiReFT"):
+        reft_ext.load(wrong, ck)
+
+
+def test_noreft_add_bias_must_match_and_options_are_checked(tmp_path):
+    base = llama()
+    _, with_c = intervention_arg("noreft+add_bias")
+    model = reft_ext.patch(copy.deepcopy(base), [1], rank=2, intervention=with_c)
+    ck = reft_ext.save(model, tmp_path / "ck")
+    plain = reft_ext.patch(copy.deepcopy(base), [1], rank=2, intervention="noreft")
+    before = snapshot(plain)
+    with pytest.raises(CheckpointError, match="options"):
+        reft_ext.load(plain, ck)
+    assert_same_snapshot(before, snapshot(plain))
+    # the options reach the module together with dropout / backend (patch() gets a factory)
+    loaded = reft_ext.load(copy.deepcopy(base), ck, dropout=0.25, backend="reference")
+    m = reft_ext.interventions(loaded)[1]
+    assert (m.add_bias, m.dropout, m.backend) == (True, 0.25, "reference")
+    assert_bitwise_equal(m.proj_bias.detach(), reft_ext.interventions(model)[1].proj_bias.detach(),
+                         "c")
+    for bad in ({"add_bias": 1}, {"bias": True}, [True]):
+        _rewrite(ck, cfg_edit=lambda c, bad=bad: c.update(intervention_options=bad))
+        with pytest.raises(CheckpointError, match="bad intervention_options"):
+            reft_ext.load(copy.deepcopy(base), ck)
 
 
 def test_loreft_materialised_R_and_raw(tmp_path):
@@ -328,7 +400,7 @@ def _corrupt(kind, ck):
     elif kind == "other-format":
         _rewrite(ck, cfg_edit=lambda c: c.update(format="peft"))
     elif kind == "unknown-intervention":
-        _rewrite(ck, cfg_edit=lambda c: c.update(intervention="noreft"))
+        _rewrite(ck, cfg_edit=lambda c: c.update(intervention="moreft"))
     elif kind == "bad-positions":
         _rewrite(ck, cfg_edit=lambda c: c.update(positions="first7"))
     elif kind == "bad-backend":
@@ -358,7 +430,7 @@ BAD = {
     "R-disagrees": "layers.1.R and layers.1.rotate_raw disagree", "nan": "non-finite",
     "format-version-3": "format version 3, written by a newer reft_ext",
     "format-version-0": "invalid format version 0", "other-format": "not a reft_ext checkpoint",
-    "unknown-intervention": "unknown intervention 'noreft'",
+    "unknown-intervention": "unknown intervention 'moreft'",
     "bad-positions": "bad positions spec 'first7'", "bad-backend": "backend 'triton'",
     "config-truncated": "not valid JSON", "config-missing": "reft_config.json not found",
     "layer-out-of-range": "inconsistent",
@@ -468,7 +540,8 @@ def _adamw(model):
                              weight_decay=0.01)
 
 
-@pytest.mark.parametrize("kind", ["loreft", "direft"])
+@pytest.mark.parametrize("kind", ["loreft", "noreft", "noreft+add_bias", "consreft",
+                                  "lobireft", "direft", "nodireft"])
 def test_resume_is_bitwise_identical(kind, tmp_path):
     """k steps, save (+ optimizer), then N - k more steps == N - k steps after a reload
     into a fresh base model with a fresh optimizer: bitwise."""
@@ -477,7 +550,8 @@ def test_resume_is_bitwise_identical(kind, tmp_path):
     labels = ids.masked_fill(mask == 0, -100)
     model = copy.deepcopy(base)
     torch.manual_seed(0)
-    reft_ext.patch(model, [0, 2], rank=4, positions="f2+l2", intervention=kind)
+    kind, arg = intervention_arg(kind)
+    reft_ext.patch(model, [0, 2], rank=4, positions="f2+l2", intervention=arg)
     opt = _adamw(model)
     _train(model, opt, 3, ids, mask, labels)
     reft_ext.save(model, tmp_path / "ck", optimizer=opt)
@@ -491,7 +565,7 @@ def test_resume_is_bitwise_identical(kind, tmp_path):
     a, b = params(model), params(resumed)
     for k in a:
         assert_bitwise_equal(b[k], a[k], k)
-    if kind == "loreft":
+    if kind in ("loreft", "consreft", "lobireft", "direft"):     # R stayed orthonormal
         for m in reft_ext.interventions(resumed).values():
             R = m.R.detach().double()
             torch.testing.assert_close(R @ R.T, torch.eye(4, dtype=torch.float64), rtol=0,

@@ -8,13 +8,17 @@ parametrization, the one pyreft registers.
 
 Tolerances. The reference is pyreft's formula evaluated in float64 on the file's values:
     LoReFT        h + (W h + b - R h) R            with R = rotate_layer^T
-    NodiReFT      h + (W1 h + b) W2
-    DiReFT        h + (W h + b) R
 reft_ext evaluates it in float32 with R' = orthonormal_rows(R) (the import sets
 rotate_raw = R). R' differs from R by at most about max|R R^T - I| + a few eps (measured
 <= 1.5 eps32 for d <= 4096, r <= 32), so the edit obeys the test suite's rule
 (tests/_util.py: <= 2 x PyTorch's own float32 error + 4 ulps), with PyTorch's error
 taken from the same formula evaluated eagerly in the parameters' dtypes.
+
+All six types (test_import_each_pyreft_type): the reference is each pyreft class's
+forward restated from pyreft/interventions.py (PYREFT_FORWARDS, on pyreft's own tensors:
+rotate_layer weight (d, r), learned_source, proj_layer), in float64 for the truth and in
+float32 for pyreft's own result; the imported model's logits must be within 1e-4 of
+pyreft's float32 logits.
 """
 from __future__ import annotations
 
@@ -101,12 +105,9 @@ def formula64(kind, h, positions, t):
     out = h.double().clone()
     bi, pj = (positions >= 0).nonzero(as_tuple=True)
     x = out[bi, positions[bi, pj]]
-    if kind == "loreft":
-        R, W, b = (t[k].double() for k in ("R", "W", "b"))
-        y = x + (x @ W.T + b - x @ R.T) @ R
-    else:
-        W1, W2, b = (t[k].double() for k in ("W1", "W2", "b"))
-        y = x + (x @ W1.T + b) @ W2
+    assert kind == "loreft"             # the other types: PYREFT_FORWARDS below
+    R, W, b = (t[k].double() for k in ("R", "W", "b"))
+    y = x + (x @ W.T + b - x @ R.T) @ R
     out[bi, positions[bi, pj]] = y
     return out
 
@@ -117,13 +118,10 @@ def formula_same(kind, h, positions, t):
     out = h.clone()
     bi, pj = (positions >= 0).nonzero(as_tuple=True)
     x = h[bi, positions[bi, pj]]
-    if kind == "loreft":
-        R, W, b = t["R"], t["W"], t["b"]
-        src = (x.to(W.dtype) @ W.T + b).float()
-        y = x.float() + (src - x.float() @ R.float().T) @ R.float()
-    else:
-        W1, W2, b = t["W1"], t["W2"], t["b"]
-        y = x.float() + (x.to(W1.dtype) @ W1.T + b).float() @ W2.float()
+    assert kind == "loreft"
+    R, W, b = t["R"], t["W"], t["b"]
+    src = (x.to(W.dtype) @ W.T + b).float()
+    y = x.float() + (src - x.float() @ R.float().T) @ R.float()
     out[bi, positions[bi, pj]] = y.to(h.dtype)
     return out
 
@@ -200,38 +198,162 @@ def test_import_component_path_and_dtype(tmp_path):
     assert reft_ext.model.patch.patch_config(model)["layer_path"] == "model.layers"
 
 
-def _direft_state(cls, seed):
+# ---- the six pyreft types ------------------------------------------------------------
+# pyreft's forward of each class, restated from pyreft/interventions.py (pyreft 0.1.0) on
+# its own tensors (t: "rot" = rotate_layer.weight (d, r) as its orthogonal parametrization
+# computes it; "ls_w", "ls_b" = learned_source Linear(d, r), or "ls" = the (r,) Parameter
+# of Cons/Lobi; "proj_w", "proj_b" = proj_layer Linear(d, r)). Dropout is the identity at
+# eval, act_fn is linear (the default), and every tensor here has one dtype, so pyreft's
+# .to() casts do nothing.
+
+def _lin(x, w, b=None):
+    return x @ w.T + (b if b is not None else 0.0)
+
+
+PYREFT_FORWARDS = {
+    # rotated_base = rotate_layer(base); base + (act(ls(base)) - rotated_base) @ rot.T
+    "LoreftIntervention": lambda x, t: x + (_lin(x, t["ls_w"], t["ls_b"])
+                                            - x @ t["rot"]) @ t["rot"].T,
+    # proj_base = proj_layer(base); base + (act(ls(base)) - proj_base) @ proj_layer.weight
+    "NoreftIntervention": lambda x, t: x + (_lin(x, t["ls_w"], t["ls_b"])
+                                            - _lin(x, t["proj_w"], t.get("proj_b")))
+                                           @ t["proj_w"],
+    # base + (learned_source - rotate_layer(base)) @ rot.T
+    "ConsreftIntervention": lambda x, t: x + (t["ls"] - x @ t["rot"]) @ t["rot"].T,
+    # base + learned_source @ rot.T
+    "LobireftIntervention": lambda x, t: x + t["ls"] @ t["rot"].T,
+    # base + act(ls(base)) @ rot.T
+    "DireftIntervention": lambda x, t: x + _lin(x, t["ls_w"], t["ls_b"]) @ t["rot"].T,
+    # base + act(ls(base)) @ proj_layer.weight   (proj_layer's bias is never used)
+    "NodireftIntervention": lambda x, t: x + _lin(x, t["ls_w"], t["ls_b"]) @ t["proj_w"],
+}
+
+# (pyreft class, with proj_layer bias = pyreft's add_bias) -> reft_ext class
+SIX = {
+    ("LoreftIntervention", False): reft_ext.LoReFT,
+    ("NoreftIntervention", False): reft_ext.NoReFT,
+    ("NoreftIntervention", True): reft_ext.NoReFT,
+    ("ConsreftIntervention", False): reft_ext.ConsReFT,
+    ("LobireftIntervention", False): reft_ext.LobiReFT,
+    ("DireftIntervention", False): reft_ext.DiReFT,
+    ("NodireftIntervention", False): reft_ext.NodiReFT,
+    ("NodireftIntervention", True): reft_ext.NodiReFT,
+}
+
+
+def pyreft_state(cls, seed, add_bias=False):
+    """(the intkey state dict pyvene saves for a `cls` intervention, its tensors in
+    PYREFT_FORWARDS' terms). Linear weights ~ N(0, 1/d), biases ~ N(0, 1), all float32;
+    the orthonormal classes' rotate layer is a trained-looking torch orthogonal
+    parametrization (rotate_layer_module). LoreftIntervention saves through pyreft's own
+    state_dict override; the others are plain nn.Module state dicts (+ pyvene's buffers)."""
     g = torch.Generator().manual_seed(seed)
-    W1 = (torch.randn(R_, D, generator=g) / D ** 0.5).to(torch.bfloat16)
-    b = torch.randn(R_, generator=g).to(torch.bfloat16)
-    sd = OrderedDict({"embed_dim": torch.tensor(D), "interchange_dim": torch.tensor(D),
-                      "learned_source.weight": W1, "learned_source.bias": b})
-    if cls == "NodireftIntervention":
-        W2 = (torch.randn(R_, D, generator=g) / D ** 0.5).to(torch.bfloat16)
-        sd["proj_layer.weight"] = W2
+    if cls == "LoreftIntervention":
+        sd, t = loreft_state(D, R_, seed, wdtype=torch.float32)
+        return sd, {"rot": t["R"].T.contiguous(), "ls_w": t["W"], "ls_b": t["b"]}
+    sd = OrderedDict({"embed_dim": torch.tensor(D), "interchange_dim": torch.tensor(D)})
+    t = {}
+    if cls in ("ConsreftIntervention", "LobireftIntervention"):
+        t["ls"] = sd["learned_source"] = torch.randn(R_, generator=g)
+    else:
+        t["ls_w"] = sd["learned_source.weight"] = torch.randn(R_, D, generator=g) / D ** 0.5
+        t["ls_b"] = sd["learned_source.bias"] = torch.randn(R_, generator=g)
+    if cls in ("NoreftIntervention", "NodireftIntervention"):
+        t["proj_w"] = sd["proj_layer.weight"] = torch.randn(R_, D, generator=g) / D ** 0.5
+        if add_bias:
+            t["proj_b"] = sd["proj_layer.bias"] = torch.randn(R_, generator=g)
     else:
         rot = rotate_layer_module(D, R_, seed)
         for k, v in rot.state_dict().items():
             sd[f"rotate_layer.{k}"] = v
-        W2 = rot.weight.detach().T.clone()
-    return sd, {"W1": W1, "W2": W2, "b": b}
+        t["rot"] = rot.weight.detach().clone()
+    return sd, t
 
 
-@pytest.mark.parametrize("cls", ["NodireftIntervention", "DireftIntervention"])
-def test_import_direft_family(cls, tmp_path):
-    sd, t = _direft_state(cls, seed=5)
-    write_pyreft_dir(tmp_path / "p", [1], [sd], cls=cls)
-    model = reft_ext.load_pyreft(llama(), tmp_path / "p", positions="all")
-    m = reft_ext.interventions(model)[1]
-    assert isinstance(m, reft_ext.DiReFT)
-    assert_bitwise_equal(m.proj.detach(), t["W2"].float(), "W2")
-    check_intervention("direft", m, t, torch.float32, seed=1)
+def pyreft_hook_model(base, layers, truths, cls, pos, dtype):
+    """A copy of the (float32) base whose layers apply pyreft's forward at pos, evaluated
+    in dtype (float32: pyreft's own result; float64: the truth, rounded to float32)."""
+    ref = copy.deepcopy(base)
+    for i, t in zip(layers, truths):
+        def hook(mod, args, out, t={k: v.to(dtype) for k, v in t.items()}):
+            h = out[0] if isinstance(out, tuple) else out
+            y = h.clone()
+            bi, pj = (pos >= 0).nonzero(as_tuple=True)
+            y[bi, pos[bi, pj]] = PYREFT_FORWARDS[cls](h[bi, pos[bi, pj]].to(dtype),
+                                                      t).to(h.dtype)
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+        ref.model.layers[i].register_forward_hook(hook)
+    return ref
+
+
+@pytest.mark.parametrize("cls, add_bias", list(SIX), ids=[
+    f"{c}{'-add_bias' if a else ''}" for c, a in SIX])
+def test_import_each_pyreft_type(cls, add_bias, tmp_path):
+    """Each pyreft class imports as the reft_ext type of the same meaning and reproduces
+    pyreft's forward: logits within 1e-4 of pyreft's own float32 computation (and of the
+    float64 truth), through the whole model at positions f2+l2; a reft_ext save of the
+    import reloads bitwise."""
+    base = llama()
+    layers = [2, 0]
+    states, truths = zip(*(pyreft_state(cls, seed=20 + i, add_bias=add_bias)
+                           for i in layers))
+    write_pyreft_dir(tmp_path / "pyreft", layers, states, cls=cls)
+    model = reft_ext.load_pyreft(copy.deepcopy(base), tmp_path / "pyreft", positions="f2+l2")
+    mods = reft_ext.interventions(model)
+    assert list(mods) == layers
+    assert all(type(m) is SIX[cls, add_bias] for m in mods.values())
+    if cls == "NoreftIntervention":                   # pyreft's proj_layer bias is c
+        assert all(m.add_bias == add_bias for m in mods.values())
+        if add_bias:
+            assert_bitwise_equal(mods[2].proj_bias.detach(), truths[0]["proj_b"], "c")
+
+    ids, mask = batch()
+    pos = reft_ext.positions_from_mask("f2+l2", mask)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+        want32 = pyreft_hook_model(base, layers, truths, cls, pos, torch.float32)(
+            input_ids=ids, attention_mask=mask).logits
+        want64 = pyreft_hook_model(base, layers, truths, cls, pos, torch.float64)(
+            input_ids=ids, attention_mask=mask).logits
+        plain = base(input_ids=ids, attention_mask=mask).logits
+    assert (want32 - plain).abs().max() > 1e-2       # the edit is not a no-op
+    torch.testing.assert_close(ours, want32, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours, want64, rtol=0, atol=1e-4)
+
+    # the edit itself, on fresh hidden states, under the suite's tolerance rule
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 11, D, generator=g)
+    p = make_positions(g, 3, 11, 5)
+    bi, pj = (p >= 0).nonzero(as_tuple=True)
+    t = truths[0]
+    ref64, same = h.double().clone(), h.clone()
+    ref64[bi, p[bi, pj]] = PYREFT_FORWARDS[cls](
+        h.double()[bi, p[bi, pj]], {k: v.double() for k, v in t.items()})
+    same[bi, p[bi, pj]] = PYREFT_FORWARDS[cls](h[bi, p[bi, pj]], t)
+    with torch.no_grad():
+        assert_within_rule(f"{cls} edit", mods[2](h.clone(), p, inplace=False), ref64, same)
+
+    reft_ext.save(model, tmp_path / "ours")
+    again = reft_ext.load(copy.deepcopy(base), tmp_path / "ours")
+    with torch.no_grad():
+        assert_bitwise_equal(again(input_ids=ids, attention_mask=mask).logits, ours, "logits")
+
+
+def test_noreft_add_bias_on_some_layers_only_is_refused(tmp_path):
+    states = [pyreft_state("NoreftIntervention", seed=i, add_bias=i == 1)[0] for i in (0, 1)]
+    write_pyreft_dir(tmp_path / "p", [0, 1], states, cls="NoreftIntervention")
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"add_bias\) on layers \[1\] only"):
+        reft_ext.load_pyreft(model, tmp_path / "p", positions="all")
+    assert_same_snapshot(before, snapshot(model))
 
 
 BAD = {
-    "noreft": ("NoreftIntervention", r"unsupported pyreft intervention type\(s\) "
-                                     r"\['NoreftIntervention'\]"),
-    "consreft": ("ConsreftIntervention", "'ConsreftIntervention'"),
+    # pyvene's own (non-pyreft) trainable intervention
+    "pyvene-type": ("LowRankRotatedSpaceIntervention",
+                    r"unsupported pyreft intervention type\(s\) "
+                    r"\['LowRankRotatedSpaceIntervention'\]"),
     "mixed": (["LoreftIntervention", "NodireftIntervention"], "mixed intervention types"),
 }
 

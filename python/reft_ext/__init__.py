@@ -17,7 +17,8 @@ from .model.patch import (disabled, interventions, is_patched, patch,
 from .model.positions import (PositionSpec, parse_positions, positions_from_lengths,
                               positions_from_mask, positions_from_prompt)
 from .bank import Untied
-from .modules import DiReFT, LoReFT, orthonormal_rows
+from .modules import (ConsReFT, DiReFT, LobiReFT, LoReFT, NodiReFT, NoReFT,
+                      orthonormal_rows)
 from .ops import loreft, loreft_, loreft_reference, loreft_reference_
 from .checkpoint import CheckpointError, load, load_optimizer, load_pyreft, save
 
@@ -29,7 +30,8 @@ positions = use_positions
 __all__ = ["loreft", "loreft_", "loreft_reference", "loreft_reference_", "build_info",
            "__version__"]
 __all__ += ["positions", "PositionSpec", "parse_positions", "positions_from_lengths",
-            "positions_from_mask", "positions_from_prompt", "DiReFT", "LoReFT", "Untied",
+            "positions_from_mask", "positions_from_prompt", "LoReFT", "NoReFT", "ConsReFT",
+            "LobiReFT", "DiReFT", "NodiReFT", "Untied",
             "orthonormal_rows", "disabled", "find_layers", "interventions", "is_patched",
             "patch", "print_trainable_parameters", "unpatch", "use_positions"]
 __all__ += ["save", "load", "load_optimizer", "load_pyreft", "CheckpointError",

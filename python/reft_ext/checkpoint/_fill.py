@@ -10,7 +10,7 @@ from torch import nn
 
 from ..model.layers import find_layers, hidden_size
 from ..model.patch import interventions, patch, unpatch
-from ..modules import INTERVENTIONS
+from ..modules import INTERVENTIONS, build_intervention
 from ._errors import CheckpointError
 from ._units import layer_of, units
 
@@ -55,23 +55,35 @@ def _fitting_layers(model: nn.Module, op: str, where: str, layers: list[int], d:
 def patch_and_fill(model: nn.Module, values: dict, *,
                    op: str, where: str, kind: str, rank: int, d: int,
                    dtype: torch.dtype | None, layer_path: str | None,
-                   saved_from: tuple[str, int] | None = None, **patch_kw) -> None:
+                   saved_from: tuple[str, int] | None = None, options: dict | None = None,
+                   **patch_kw) -> None:
     """patch(model, layers, rank, intervention=kind, ...) and set every intervention
     parameter from values {unit: {tensor name: tensor}} (unit: a layer index, or a unit key
     of reft_ext.checkpoint._units with patch_kw tied=False), named as in a reft_ext
-    checkpoint (the class's SAVED_TENSORS), converted to dtype (None: each tensor's own
-    dtype), after checking that the layers fit (see _fitting_layers). Raises CheckpointError naming op
-    and where before any change; leaves torch's RNG state as it was; on a failure while
-    filling, the model is unpatched again."""
-    names = INTERVENTIONS[kind].SAVED_TENSORS
+    checkpoint (the class's saved_tensors(**options)), converted to dtype (None: each
+    tensor's own dtype), after checking that the layers fit (see _fitting_layers). options:
+    the class's construction options (e.g. NoReFT's add_bias). Raises CheckpointError
+    naming op and where before any change; leaves torch's RNG state as it was; on a failure
+    while filling, the model is unpatched again."""
+    options = options or {}
+    names = INTERVENTIONS[kind].saved_tensors(**options)
     params = {str(u): {names[n]: t for n, t in v.items()} for u, v in values.items()}
     want = {u: {p: dtype if dtype is not None else t.dtype for p, t in v.items()}
             for u, v in params.items()}
     layers = list(dict.fromkeys(layer_of(u) for u in params))
     path = _fitting_layers(model, op, where, layers, d, layer_path, saved_from)
+    intervention = kind
+    if options:   # patch() takes a name or a factory: the options need a factory
+        dropout, backend = patch_kw.pop("dropout", 0.0), patch_kw.pop("backend", "fused")
+
+        def with_options(d_, rank_, *, dtype, device):
+            return build_intervention(kind, d_, rank_, dtype=dtype, device=device,
+                                      dropout=dropout, backend=backend, **options)
+        intervention = with_options
+    # any parameter's dtype: patch() builds all in it, a mixed checkpoint is fixed below
+    first = next(iter(next(iter(want.values())).values()))
     with _rng_untouched(model):
-        first = next(iter(want.values()))
-        patch(model, layers, rank, intervention=kind, dtype=first["weight"],
+        patch(model, layers, rank, intervention=intervention, dtype=first,
               layer_path=path, hidden_size=d, **patch_kw)
     try:
         with torch.no_grad():

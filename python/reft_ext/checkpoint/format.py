@@ -11,7 +11,9 @@ readers refuse with "upgrade reft_ext") holds two files, plus an optional third:
 
 ``reft_config.json``
     {"format": "reft_ext", "format_version": 1, "library_version", "torch_version",
-     "intervention": "loreft" | "direft", "d", "rank", "layers": [patch order],
+     "intervention": one of reft_ext.modules.INTERVENTIONS ("loreft", "noreft",
+     "consreft", "lobireft", "direft", "nodireft"), "intervention_options" (only for a
+     type with options: NoReFT's {"add_bias": bool}), "d", "rank", "layers": [patch order],
      "layer_path", "n_layers" (length of the layer container), "positions" (default spec),
      "tied" (false: two interventions per layer, patch(..., tied=False); absent: true),
      "dropout", "backend", "dtype" (parameter dtype, or "mixed"),
@@ -33,11 +35,19 @@ readers refuse with "upgrade reft_ext") holds two files, plus an optional third:
       (~1 ulp), so load() restores rotate_raw and recomputes R with the same code, which
       gives bitwise-identical outputs and bitwise-identical training after a resume.
       load() checks that R and rotate_raw agree (to 64 ulps) and rejects the file if not.
-    * direft: ``layers.{i}.W1`` (r, d), ``layers.{i}.W2`` (r, d), ``layers.{i}.b`` (r,)
+    * consreft, lobireft: ``R``, ``rotate_raw`` and ``b`` as loreft (no W).
+    * direft (orthonormal R, pyreft's DireftIntervention): as loreft.
+    * noreft: ``layers.{i}.W1`` (r, d), ``layers.{i}.W2`` (r, d), ``layers.{i}.b`` (r,),
+      and ``layers.{i}.c`` (r,) with add_bias (Phi(h) = h + W2^T (W1 h + b - W2 h - c)).
+    * nodireft: ``layers.{i}.W1`` (r, d), ``layers.{i}.W2`` (r, d), ``layers.{i}.b`` (r,)
       (Phi(h) = h + W2^T (W1 h + b)).
 
     Untied interventions store member k of layer i as unit ``{i}#{k}`` (pyreft's naming:
     #0 edits the first tokens, #1 the last): ``layers.{i}#{k}.{name}``.
+
+    Older checkpoints: before the six pyreft types, reft_ext's "direft" was the type with
+    a free W2 (pyreft's NodiReFT). A file with intervention "direft" and tensors W1, W2, b
+    is that type and is read as "nodireft", with the same math (:func:`read_config`).
 
 ``optimizer.pt`` (only with ``save(..., optimizer=opt)``)
     ``optimizer.state_dict()`` (FSDP2 shards gathered into full tensors) written with
@@ -83,10 +93,23 @@ def _dtype_name(t: torch.dtype) -> str:
     return str(t).removeprefix("torch.")
 
 
-def _tensor_names(kind: str) -> tuple[str, ...]:
-    """The tensors a checkpoint of `kind` holds per layer: derived ones first."""
+def _tensor_names(kind: str, options: dict) -> tuple[str, ...]:
+    """The tensors a checkpoint of `kind` built with `options` holds per layer: derived
+    ones first."""
     cls = INTERVENTIONS[kind]
-    return (*cls.DERIVED_TENSORS, *cls.SAVED_TENSORS)
+    return (*cls.DERIVED_TENSORS, *cls.saved_tensors(**options))
+
+
+_VECTORS = ("b", "c")     # the (r,) tensors of any type; all others are (r, d)
+
+
+def _options_of(mods: dict[int, nn.Module]) -> dict:
+    """The construction options (e.g. NoReFT's add_bias) shared by every layer."""
+    opts = [m.options() for m in mods.values()]
+    if any(o != opts[0] for o in opts):
+        raise CheckpointError(f"reft_ext.save: the layers' interventions were built with "
+                              f"different options {opts}")
+    return opts[0]
 
 
 def _kind_of(mods: dict[str, nn.Module]) -> str:
@@ -121,17 +144,18 @@ def check_target(path: Path, where: str | None = None) -> None:
 
 # ------------------------------------------------------------------ save
 
-def _layer_tensors(mods: dict[str, nn.Module], kind: str) -> dict[str, torch.Tensor]:
+def _layer_tensors(mods: dict[str, nn.Module], kind: str,
+                   options: dict) -> dict[str, torch.Tensor]:
     """{"layers.{unit}.{name}": full tensor on the CPU} (FSDP2: gathered, a collective)."""
     cls = INTERVENTIONS[kind]
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for i, m in mods.items():
             full = {fname: _dist.full(getattr(m, pname))
-                    for fname, pname in cls.SAVED_TENSORS.items()}
+                    for fname, pname in cls.saved_tensors(**options).items()}
             for name, (src, derive) in cls.DERIVED_TENSORS.items():
                 full[name] = derive(full[src])
-            for fname in _tensor_names(kind):
+            for fname in _tensor_names(kind, options):
                 out[f"layers.{i}.{fname}"] = full[fname].cpu()
     return out
 
@@ -146,7 +170,8 @@ def _gathered_state(optimizer) -> dict:
     return state
 
 
-def _config(target, mods, kind, tensors, blob: bytes, optimizer) -> dict[str, Any]:
+def _config(target, mods, kind, options, tensors, blob: bytes,
+            optimizer) -> dict[str, Any]:
     pc = patch_config(target)
     first = next(iter(mods.values()))
     dtypes = {_dtype_name(p.dtype) for m in mods.values() for p in m.parameters()}
@@ -156,6 +181,7 @@ def _config(target, mods, kind, tensors, blob: bytes, optimizer) -> dict[str, An
         "library_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "intervention": kind,
+        **({"intervention_options": options} if INTERVENTIONS[kind].OPTIONS else {}),
         "d": int(first.d),
         "rank": int(first.rank),
         "layers": pc["layers"],
@@ -206,7 +232,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None) -> Path:
         raise CheckpointError("reft_ext.save: model is not patched by reft_ext.patch")
     mods = units(interventions(target))
     kind = _kind_of(mods)
-    tensors = _layer_tensors(mods, kind)
+    options = _options_of(mods)
+    tensors = _layer_tensors(mods, kind, options)
     opt_state = _gathered_state(optimizer) if optimizer is not None else None
     if _dist.rank() != 0:
         return path
@@ -220,7 +247,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None) -> Path:
         buf = io.BytesIO()
         torch.save(opt_state, buf)
         files[OPTIMIZER_NAME] = buf.getvalue()
-    cfg = _config(target, mods, kind, tensors, blob, optimizer)
+    cfg = _config(target, mods, kind, options, tensors, blob, optimizer)
     files[CONFIG_NAME] = (json.dumps(cfg, indent=2) + "\n").encode()
     check_target(path)
     _atomic.write_dir(path, files)
@@ -273,6 +300,11 @@ def read_config(path: str | os.PathLike) -> dict:
     if kind not in INTERVENTIONS:
         raise CheckpointError(f"reft_ext.load: {path}: unknown intervention {kind!r}; this "
                               f"reft_ext knows {sorted(INTERVENTIONS)}")
+    manifest = _need(cfg, "tensors", dict, cpath.name)
+    if kind == "direft" and any(k.endswith(".W1") for k in manifest):
+        # Written before "direft" meant pyreft's DiReFT: a free-W2 (NodiReFT) checkpoint.
+        kind = cfg["intervention"] = "nodireft"
+    options = _read_options(cfg, kind, cpath)
     d = _need(cfg, "d", int, cpath.name)
     r = _need(cfg, "rank", int, cpath.name)
     layers = _need(cfg, "layers", list, cpath.name)
@@ -297,23 +329,36 @@ def read_config(path: str | os.PathLike) -> dict:
             for i in layers) or len(set(layers)) != len(layers):
         raise CheckpointError(f"reft_ext.load: {cpath}: inconsistent d={d}, rank={r}, "
                               f"layers={layers}, n_layers={n_layers}")
-    _check_manifest(_need(cfg, "tensors", dict, cpath.name), cpath, kind, d, r,
-                    unit_keys(layers, tied))
+    _check_manifest(manifest, cpath, kind, options, d, r, unit_keys(layers, tied))
     return cfg
 
 
-def _check_manifest(manifest: dict, cpath: Path, kind: str, d: int, r: int,
+def _read_options(cfg: dict, kind: str, cpath: Path) -> dict:
+    """The checkpoint's intervention options, checked against the type's OPTIONS {name:
+    default} (same names, same types); a missing one takes the default. Stored back in
+    cfg["intervention_options"], complete, for the rest of load()."""
+    declared = INTERVENTIONS[kind].OPTIONS
+    opts = cfg.get("intervention_options", {})
+    if not isinstance(opts, dict) or set(opts) - set(declared) or any(
+            type(v) is not type(declared[k]) for k, v in opts.items()):
+        raise CheckpointError(f"reft_ext.load: {cpath}: bad intervention_options {opts!r} "
+                              f"for {kind!r} (its options and defaults: {declared})")
+    cfg["intervention_options"] = {**declared, **opts}
+    return cfg["intervention_options"]
+
+
+def _check_manifest(manifest: dict, cpath: Path, kind: str, options: dict, d: int, r: int,
                     keys: list[str]) -> None:
     """The config's "tensors" lists exactly the tensors of a `kind` checkpoint of these
-    units, each a float dtype of shape (r,) for a bias "b", (r, d) for the others."""
-    want = {f"layers.{u}.{n}" for u in keys for n in _tensor_names(kind)}
+    units, each a float dtype of shape (r,) for a bias "b" / "c", (r, d) for the others."""
+    want = {f"layers.{u}.{n}" for u in keys for n in _tensor_names(kind, options)}
     if set(manifest) != want:
         raise CheckpointError(
             f"reft_ext.load: {cpath}: tensor manifest does not match a {kind} checkpoint of "
             f"units {keys}: missing {sorted(want - set(manifest))}, extra "
             f"{sorted(set(manifest) - want)}")
     for name, meta in manifest.items():
-        shape = [r] if name.rsplit(".", 1)[1] == "b" else [r, d]
+        shape = [r] if name.rsplit(".", 1)[1] in _VECTORS else [r, d]
         if (not isinstance(meta, dict) or meta.get("dtype") not in _FLOAT_DTYPES
                 or meta.get("shape") != shape):
             raise CheckpointError(f"reft_ext.load: {cpath}: bad manifest entry for {name}: "
@@ -394,6 +439,10 @@ def _check_patched_layout(target: nn.Module, cfg: dict, where: str) -> dict[int,
             problems.append(f"layer {i} holds a {type(m).__name__}, the checkpoint a "
                             f"{cls.__name__}")
             break
+        if m.options() != cfg["intervention_options"]:
+            problems.append(f"layer {i} has options {m.options()} vs "
+                            f"{cfg['intervention_options']}")
+            break
         if (m.d, m.rank) != (cfg["d"], cfg["rank"]):
             problems.append(f"layer {i} has d={m.d}, rank={m.rank} vs d={cfg['d']}, "
                             f"rank={cfg['rank']}")
@@ -409,7 +458,8 @@ def _staged(mods, cfg, tensors, where: str, cast: torch.dtype | None) -> list:
     before the first write, so a failure cannot leave the model half loaded."""
     out = []
     for i, m in mods.items():
-        for fname, pname in INTERVENTIONS[cfg["intervention"]].SAVED_TENSORS.items():
+        cls = INTERVENTIONS[cfg["intervention"]]
+        for fname, pname in cls.saved_tensors(**cfg["intervention_options"]).items():
             p = getattr(m, pname)
             t = tensors[f"layers.{i}.{fname}"]
             if cast is not None:
@@ -474,12 +524,13 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
             f"reft_ext.load: {type(model).__name__} wraps an unpatched model; load (or "
             f"patch) before wrapping it with DDP / FSDP / torch.compile")
 
-    kind = cfg["intervention"]
+    kind, options = cfg["intervention"], cfg["intervention_options"]
     tied = cfg.get("tied", True)
-    values = {u: {n: tensors[f"layers.{u}.{n}"] for n in INTERVENTIONS[kind].SAVED_TENSORS}
+    values = {u: {n: tensors[f"layers.{u}.{n}"]
+                  for n in INTERVENTIONS[kind].saved_tensors(**options)}
               for u in unit_keys(cfg["layers"], tied)}
-    patch_and_fill(model, values, op="load", where=where, kind=kind, rank=cfg["rank"],
-                   d=cfg["d"], dtype=dtype,
+    patch_and_fill(model, values, op="load", where=where, kind=kind, options=options,
+                   rank=cfg["rank"], d=cfg["d"], dtype=dtype,
                    layer_path=layer_path if layer_path is not None else cfg["layer_path"],
                    saved_from=(cfg["layer_path"], cfg["n_layers"]),
                    positions=positions if positions is not None else cfg["positions"],

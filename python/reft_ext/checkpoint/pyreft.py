@@ -29,13 +29,17 @@ __all__ = ["load_pyreft", "read_pyreft"]
 # 12 hidden_source_representation, 13 latent_dim (older pyvene: 12 or 13 items).
 _REPR_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
 
-# pyreft class name -> reft_ext intervention kind
+# pyreft class name -> reft_ext intervention kind (the same meaning: reft_ext.modules)
 _PYREFT_TYPES = {
     "LoreftIntervention": "loreft",                                   # h + R^T(Wh + b - Rh)
     "ConditionedSourceLowRankRotatedSpaceIntervention": "loreft",     # its early name
-    "NodireftIntervention": "direft",                                 # h + W2^T(W1h + b)
+    "NoreftIntervention": "noreft",                       # h + W2^T(W1h + b - (W2h + c))
+    "ConsreftIntervention": "consreft",                               # h + R^T(b - Rh)
+    "LobireftIntervention": "lobireft",                               # h + R^T b
     "DireftIntervention": "direft",                                   # h + R^T(Wh + b)
+    "NodireftIntervention": "nodireft",                               # h + W2^T(W1h + b)
 }
+_ORTHONORMAL = ("loreft", "consreft", "lobireft", "direft")     # kinds with rotate_layer
 _PYREFT_IGNORED_KEYS = {"embed_dim", "interchange_dim"}   # pyvene scalar buffers
 _COMPONENT_PATH = re.compile(r"^(?P<path>[\w.]+)\[(?P<i>\d+)\]\.output$")
 
@@ -72,8 +76,10 @@ def _orthogonal_weight(sd: dict, prefix: str) -> torch.Tensor | None:
 
 
 def _pyreft_tensors(cls_name: str, sd: dict, file: Path) -> dict[str, torch.Tensor]:
-    """Maps one pyreft intervention state_dict to reft_ext names: loreft {"R^T", "W", "b"},
-    direft {"W1", "W2", "b"}."""
+    """Maps one pyreft intervention state_dict to reft_ext's terms: "RT" (pyreft's
+    rotate_layer weight, (d, r) = R^T) for the orthonormal kinds, "W" (r, d) for loreft /
+    direft, "W1", "W2" (r, d) for noreft / nodireft, "b" (r,) for all, "c" (r,) for a
+    noreft saved with add_bias."""
     used = set(_PYREFT_IGNORED_KEYS)
 
     def take(*keys):
@@ -99,16 +105,18 @@ def _pyreft_tensors(cls_name: str, sd: dict, file: Path) -> dict[str, torch.Tens
         return w
 
     kind = _PYREFT_TYPES[cls_name]
-    if kind == "loreft":
+    if kind in ("loreft", "direft"):           # rotate_layer + learned_source = Linear(d, r)
         out = {"RT": rotate(), "W": take("weight", "learned_source.weight"),
                "b": take("bias", "learned_source.bias")}
-    elif cls_name == "NodireftIntervention":
+    elif kind in ("consreft", "lobireft"):     # rotate_layer + learned_source = Parameter(r)
+        out = {"RT": rotate(), "b": take("learned_source")}
+    else:                                      # learned_source, proj_layer = Linear(d, r)
         out = {"W1": take("learned_source.weight", "weight"),
                "b": take("learned_source.bias", "bias"), "W2": take("proj_layer.weight")}
-        used.add("proj_layer.bias")                    # add_bias=True: unused by forward
-    else:                                              # DireftIntervention: W2 = R
-        out = {"W1": take("learned_source.weight", "weight"),
-               "b": take("learned_source.bias", "bias"), "W2": rotate().T}
+        if "proj_layer.bias" in sd:            # pyreft's add_bias=True
+            used.add("proj_layer.bias")
+            if kind == "noreft":               # NodiReFT's forward never uses it
+                out["c"] = sd["proj_layer.bias"]
     extra = set(sd) - used
     if extra:
         raise CheckpointError(f"reft_ext.load_pyreft: {file} has unexpected tensors "
@@ -234,11 +242,11 @@ def _read_intkeys(path: Path, entries: list, classes: list[str], sorted_keys) ->
     return values
 
 
-def _checked_d(values: dict, kind: str, cls_name: str, rank: int) -> int:
+def _checked_d(values: dict, kind: str, rank: int) -> int:
     """d, after checking every tensor's shape and the orthonormality of R."""
     d = None
     for layer, v in values.items():
-        if kind == "loreft":
+        if kind in _ORTHONORMAL:
             RT = v["RT"]
             if RT.dim() != 2 or RT.shape[1] != rank:
                 raise CheckpointError(f"reft_ext.load_pyreft: layer {layer}: rotate_layer has "
@@ -247,16 +255,15 @@ def _checked_d(values: dict, kind: str, cls_name: str, rank: int) -> int:
         else:
             dd = v["W1"].shape[-1]
         d = dd if d is None else d
-        want = {"RT": (d, rank), "W": (rank, d), "W1": (rank, d), "W2": (rank, d), "b": (rank,)}
+        want = {"RT": (d, rank), "W": (rank, d), "W1": (rank, d), "W2": (rank, d),
+                "b": (rank,), "c": (rank,)}
         for k, t in v.items():
             if tuple(t.shape) != want[k]:
                 raise CheckpointError(f"reft_ext.load_pyreft: layer {layer}: {k} has shape "
                                       f"{tuple(t.shape)}, expected {want[k]} (d={d}, "
                                       f"rank={rank})")
-        R = v["RT"] if kind == "loreft" else (v["W2"].T if cls_name == "DireftIntervention"
-                                              else None)
-        if R is not None:
-            R64 = R.double()
+        if kind in _ORTHONORMAL:
+            R64 = v["RT"].double()
             err = (R64.T @ R64 - torch.eye(rank, dtype=torch.float64)).abs().max().item()
             if err > 1e-3:
                 raise CheckpointError(f"reft_ext.load_pyreft: layer {layer}: rotate_layer "
@@ -268,10 +275,12 @@ def _checked_d(values: dict, kind: str, cls_name: str, rank: int) -> int:
 def read_pyreft(path: str | os.PathLike) -> dict:
     """Reads a pyreft / pyvene save (see :func:`load_pyreft`) without touching a model.
 
-    Returns {"kind": "loreft" | "direft", "rank", "d", "layer_path" (the container named
-    by "<path>[i].output" components, or None), "tensors": {layer: {name: tensor}}} with
-    tensors named as in a reft_ext checkpoint (loreft: rotate_raw = pyreft's R, W, b;
-    direft: W1, W2, b). Raises CheckpointError on anything it cannot import.
+    Returns {"kind" (a reft_ext.modules.INTERVENTIONS name), "options" (the type's
+    construction options: NoReFT's add_bias), "rank", "d", "layer_path" (the container
+    named by "<path>[i].output" components, or None), "tensors": {layer: {name: tensor}}}
+    with tensors named as in a reft_ext checkpoint (the orthonormal types: rotate_raw =
+    pyreft's R, and W for loreft / direft; noreft / nodireft: W1, W2, and c with add_bias;
+    all: b). Raises CheckpointError on anything it cannot import.
     """
     path = Path(path)
     cpath = path / "config.json"
@@ -279,17 +288,24 @@ def read_pyreft(path: str | os.PathLike) -> dict:
     entries, paths = _pyreft_entries(reprs, cpath)
     layer_path, rank = _one_per_layer(entries, paths)
     values = _read_intkeys(path, entries, classes, cfg.get("sorted_keys"))
-    d = _checked_d(values, kind, classes[0], rank)
+    d = _checked_d(values, kind, rank)
     dims = cfg.get("intervention_dimensions")
     if isinstance(dims, list) and any(isinstance(x, int) and x != d for x in dims):
         raise CheckpointError(f"reft_ext.load_pyreft: intervention_dimensions {dims} do not "
                               f"match the tensors (d={d})")
-    if kind == "loreft":
-        tensors = {i: {"rotate_raw": v["RT"].T, "W": v["W"], "b": v["b"]}
-                   for i, v in values.items()}
-    else:
-        tensors = {i: {"W1": v["W1"], "W2": v["W2"], "b": v["b"]} for i, v in values.items()}
-    return {"kind": kind, "rank": rank, "d": d, "layer_path": layer_path, "tensors": tensors}
+    options = {}
+    if kind == "noreft":
+        with_c = {i for i, v in values.items() if "c" in v}
+        if with_c and with_c != set(values):
+            raise CheckpointError(f"reft_ext.load_pyreft: NoreftIntervention with a "
+                                  f"proj_layer bias (add_bias) on layers {sorted(with_c)} "
+                                  f"only; reft_ext patches one add_bias for all layers")
+        options = {"add_bias": bool(with_c)}
+    # rename to the reft_ext file names: pyreft's rotate_layer (d, r) is R^T, rotate_raw R
+    tensors = {i: {("rotate_raw" if k == "RT" else k): (t.T if k == "RT" else t)
+                   for k, t in v.items()} for i, v in values.items()}
+    return {"kind": kind, "options": options, "rank": rank, "d": d, "layer_path": layer_path,
+            "tensors": tensors}
 
 
 def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
@@ -304,21 +320,25 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
     ``layer.15.comp.block_output.unit.pos.nunit.1#0`` (older), loaded with
     ``torch.load(weights_only=True)``.
 
-    Supported: LoreftIntervention (and its old name
-    ConditionedSourceLowRankRotatedSpaceIntervention) -> "loreft"; NodireftIntervention
-    (h + W2^T(W1 h + b)) and DireftIntervention (h + R^T(W h + b)) -> "direft". One
+    Supported, each onto the reft_ext type of the same meaning (reft_ext.modules):
+    LoreftIntervention (and its old name ConditionedSourceLowRankRotatedSpaceIntervention)
+    -> "loreft", NoreftIntervention -> "noreft" (add_bias kept: proj_layer.bias becomes c),
+    ConsreftIntervention -> "consreft", LobireftIntervention -> "lobireft",
+    DireftIntervention -> "direft", NodireftIntervention -> "nodireft" (a proj_layer.bias,
+    unused by pyreft's forward, is ignored). One intervention type for the model, one
     intervention per layer, component "block_output" (or "<path>[i].output"), unit "pos",
     act_fn linear (pyreft's default; it is not recorded in the save). Anything else raises
-    CheckpointError naming it.
+    CheckpointError naming it, before the model is changed.
 
-    Exactness: pyreft's ``rotate_layer`` is R^T (d, r); it is imported as ``rotate_raw =
-    R``, unchanged. reft_ext's forward uses R' = orthonormal_rows(rotate_raw), a sign-fixed
-    QR, which maps a matrix with orthonormal rows to itself; pyreft's R is orthonormal only
-    to float32 rounding, so R' = R + E with max|E| <~ max|R R^T - I| + a few eps32
-    (measured: <= 1.5 eps32 = 1.8e-7 for d <= 4096, r <= 32; tests assert
-    <= max|R R^T - I| + 4 eps32). The imported edit therefore equals pyreft's formula to
-    float32 rounding (tests: within 2x PyTorch's own float32 error + 4 ulps, the suite's
-    rule), far below a bf16 model's resolution. Using pyreft's R bit for bit would need an
+    Exactness: pyreft's ``rotate_layer`` is R^T (d, r) (for the orthonormal types); it is
+    imported as ``rotate_raw = R``, unchanged. reft_ext's forward uses
+    R' = orthonormal_rows(rotate_raw), a sign-fixed QR, which maps a matrix with
+    orthonormal rows to itself; pyreft's R is orthonormal only to float32 rounding, so
+    R' = R + E with max|E| <~ max|R R^T - I| + a few eps32 (measured: <= 1.5 eps32 =
+    1.8e-7 for d <= 4096, r <= 32; tests assert <= max|R R^T - I| + 4 eps32). The
+    imported edit therefore equals pyreft's formula to float32 rounding (tests: within 2x
+    PyTorch's own float32 error + 4 ulps, the suite's rule), far below a bf16 model's
+    resolution. Using pyreft's R bit for bit would need an
     intervention option that skips the QR (and then R drifts off orthonormality in
     training); not worth it at this error. A reft_ext save of the imported model reloads
     bitwise.
@@ -346,7 +366,8 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
         dtype = torch.float64 if any(t.dtype == torch.float64 for v in tensors.values()
                                      for t in v.values()) else torch.float32
     patch_and_fill(model, tensors, op="load_pyreft", where=str(path), kind=imported["kind"],
-                   rank=imported["rank"], d=imported["d"], dtype=dtype,
+                   options=imported["options"], rank=imported["rank"], d=imported["d"],
+                   dtype=dtype,
                    layer_path=layer_path if layer_path is not None else imported["layer_path"],
                    positions=positions, backend=backend)
     return model
