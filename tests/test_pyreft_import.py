@@ -378,11 +378,8 @@ def _edit_config(path, fn):
 
 def _bad_dir(kind, path):
     sd, _ = loreft_state(D, R_, seed=1)
-    if kind == "two-per-layer":       # share_weights=False: f and l positions split
-        write_pyreft_dir(path, [1, 1], [sd, sd])
-        (path / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin").rename(
-            path / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#1.bin")
-        torch.save(sd, path / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin")
+    if kind == "uneven-per-layer":    # two on layer 1, one on layer 2: neither layout
+        write_untied_dir(path, [1, 1, 2], [sd, sd, sd])
         return
     write_pyreft_dir(path, [1], [sd])
     key = "layer_1_comp_block_output_unit_pos_nunit_1#0"
@@ -423,7 +420,7 @@ class _Evil:
 
 
 BAD_DIRS = {
-    "two-per-layer": "several interventions on layer\\(s\\) \\[1\\]",
+    "uneven-per-layer": "interventions per layer \\{1: 2, 2: 1\\}",
     "component": "component 'mlp_output' is not supported",
     "unit": "unit 'h.pos' is not supported",
     "missing-bin": "no intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin",
@@ -454,3 +451,69 @@ def test_patched_model_is_refused(tmp_path):
     model = reft_ext.patch(llama(), [0], rank=2)
     with pytest.raises(CheckpointError, match="already patched"):
         reft_ext.load_pyreft(model, tmp_path / "p", positions="all")
+
+
+def write_untied_dir(path, reprs_layers, states, cls="LoreftIntervention"):
+    """A pyvene save whose representation list names layers as given (pyreft's untied
+    recipe lists each layer twice: [2, 0, 2, 0]); the n-th intervention on a layer gets
+    key ...#n, as pyvene numbers them."""
+    path.mkdir(parents=True, exist_ok=True)
+    reprs, keys, seen = [], [], {}
+    for layer, sd in zip(reprs_layers, states):
+        n = seen[layer] = seen.get(layer, -1) + 1
+        reprs.append([layer, "block_output", "pos", 1, R_] + [None] * 9)
+        keys.append(f"layer_{layer}_comp_block_output_unit_pos_nunit_1#{n}")
+        torch.save(sd, path / f"intkey_{keys[-1]}.bin")
+    cfg = {"model_type": "None", "representations": reprs,
+           "intervention_types": [f"<class 'pyreft.interventions.{cls}'>"] * len(reprs),
+           "mode": "parallel", "sorted_keys": keys,
+           "intervention_dimensions": [D] * len(reprs)}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+@pytest.mark.parametrize("cls", sorted({c for c, _ in SIX}))
+def test_import_untied_pyreft_save(cls, tmp_path):
+    """pyreft's share_weights=False save (each layer listed twice, #0 on the first and #1
+    on the last positions, each side clipped to half the row) imports as patch(...,
+    tied=False) and reproduces pyreft's two interventions per layer: logits within 1e-4
+    of pyreft's float32 computation, positions from a Python restatement of pyreft's
+    rule."""
+    from test_untied import groups_tensor, pyreft_groups
+    base = llama()
+    layers = [2, 0]
+    listed = layers + layers            # pyreft's train.py: layers += layers
+    pairs = [pyreft_state(cls, seed=40 + j) for j in range(len(listed))]
+    write_untied_dir(tmp_path / "pyreft", listed, [p[0] for p in pairs], cls=cls)
+    model = reft_ext.load_pyreft(copy.deepcopy(base), tmp_path / "pyreft", positions="f2+l3")
+    from reft_ext.model.patch import patch_config
+    assert patch_config(model)["tied"] is False
+    ids, mask = batch()
+    groups = groups_tensor(pyreft_groups(2, 3, mask), 3)
+    ref = copy.deepcopy(base)
+    for j, layer in enumerate(listed):
+        k = j // len(layers)            # first listing: #0 (first tokens), second: #1
+        truth = pairs[j][1]
+
+        def hook(mod, args, out, t=truth, pos=groups[:, k]):
+            h = out[0] if isinstance(out, tuple) else out
+            y = h.clone()
+            bi, pj = (pos >= 0).nonzero(as_tuple=True)
+            y[bi, pos[bi, pj]] = PYREFT_FORWARDS[cls](h[bi, pos[bi, pj]], t).to(h.dtype)
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+        ref.model.layers[layer].register_forward_hook(hook)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        plain = base(input_ids=ids, attention_mask=mask).logits
+    assert (want - plain).abs().max() > 1e-2
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-4)
+
+
+def test_untied_import_needs_first_and_last_positions(tmp_path):
+    sd, _ = loreft_state(D, R_, seed=1)
+    write_untied_dir(tmp_path / "p", [1, 1], [sd, sd])
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match="untied interventions.*f<p>\\+l<s>"):
+        reft_ext.load_pyreft(model, tmp_path / "p", positions="all")
+    assert_same_snapshot(before, snapshot(model))

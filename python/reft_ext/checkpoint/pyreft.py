@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..model.patch import is_patched
+from ..model.positions import check_untied_spec
 from . import _dist
 from ._errors import CheckpointError
 from ._fill import patch_and_fill
+from ._units import UNTIED_GROUPS
 
 __all__ = ["load_pyreft", "read_pyreft"]
 
@@ -202,27 +204,35 @@ def _read_pyvene_config(cpath: Path) -> tuple[dict, list, list[str], str]:
     return cfg, reprs, classes, kinds.pop()
 
 
-def _one_per_layer(entries: list, paths: set) -> tuple[str | None, int]:
-    """(the layer container path the components name, or None; the one rank)."""
+def _layer_layout(entries: list, paths: set) -> tuple[str | None, int, bool]:
+    """(the layer container path the components name, or None; the one rank; tied): one
+    intervention on every layer (tied), or two on every layer (untied: pyreft's
+    share_weights=False, which lists the layers twice; #0 edits the first, #1 the last
+    positions)."""
     if len(paths) > 1:
         raise CheckpointError(f"reft_ext.load_pyreft: components name several layer "
                               f"containers {sorted(paths)}")
     layers = [e[0] for e in entries]
-    dup = sorted({i for i in layers if layers.count(i) > 1})
-    if dup:
+    counts = {i: layers.count(i) for i in layers}
+    if set(counts.values()) not in ({1}, {UNTIED_GROUPS}):
         raise CheckpointError(
-            f"reft_ext.load_pyreft: several interventions on layer(s) {dup} (e.g. positions "
-            f"split by share_weights=False); reft_ext has one intervention per layer")
+            f"reft_ext.load_pyreft: interventions per layer {counts}: reft_ext imports one "
+            f"intervention on every layer (tied) or {UNTIED_GROUPS} on every layer (untied, "
+            f"pyreft's share_weights=False)")
     ranks = {e[1] for e in entries}
     if len(ranks) != 1:
         raise CheckpointError(f"reft_ext.load_pyreft: different ranks per layer {sorted(ranks)}")
-    return (next(iter(paths)) if paths else None), ranks.pop()
+    tied = set(counts.values()) == {1}
+    return (next(iter(paths)) if paths else None), ranks.pop(), tied
 
 
-def _read_intkeys(path: Path, entries: list, classes: list[str], sorted_keys) -> dict:
-    """{layer: tensors in pyreft's terms} from the intkey_<key>.bin files."""
+def _read_intkeys(path: Path, entries: list, classes: list[str], sorted_keys,
+                  tied: bool) -> dict:
+    """{unit: tensors in pyreft's terms} from the intkey_<key>.bin files; a unit is the
+    layer index (tied) or "layer#n", pyvene's n-th intervention on that layer (untied)."""
     values = {}
     for (layer, _, keys), cls_name in zip(entries, classes):
+        unit = layer if tied else f"{layer}#{keys[0].rsplit('#', 1)[1]}"
         key = next((k for k in keys if (path / f"intkey_{k}.bin").is_file()), None)
         if key is None:
             raise CheckpointError(f"reft_ext.load_pyreft: no intkey_{keys[0]}.bin (or "
@@ -238,7 +248,7 @@ def _read_intkeys(path: Path, entries: list, classes: list[str], sorted_keys) ->
                                   f"({type(e).__name__}: {e})") from None
         if not isinstance(sd, dict):
             raise CheckpointError(f"reft_ext.load_pyreft: {file} is not a state_dict")
-        values[layer] = _pyreft_tensors(cls_name, sd, file)
+        values[unit] = _pyreft_tensors(cls_name, sd, file)
     return values
 
 
@@ -277,7 +287,9 @@ def read_pyreft(path: str | os.PathLike) -> dict:
 
     Returns {"kind" (a reft_ext.modules.INTERVENTIONS name), "options" (the type's
     construction options: NoReFT's add_bias), "rank", "d", "layer_path" (the container
-    named by "<path>[i].output" components, or None), "tensors": {layer: {name: tensor}}}
+    named by "<path>[i].output" components, or None), "tied" (False: two interventions per
+    layer, see load_pyreft), "tensors": {unit: {name: tensor}}} (unit: the layer index;
+    untied, "layer#n")
     with tensors named as in a reft_ext checkpoint (the orthonormal types: rotate_raw =
     pyreft's R, and W for loreft / direft; noreft / nodireft: W1, W2, and c with add_bias;
     all: b). Raises CheckpointError on anything it cannot import.
@@ -286,8 +298,8 @@ def read_pyreft(path: str | os.PathLike) -> dict:
     cpath = path / "config.json"
     cfg, reprs, classes, kind = _read_pyvene_config(cpath)
     entries, paths = _pyreft_entries(reprs, cpath)
-    layer_path, rank = _one_per_layer(entries, paths)
-    values = _read_intkeys(path, entries, classes, cfg.get("sorted_keys"))
+    layer_path, rank, tied = _layer_layout(entries, paths)
+    values = _read_intkeys(path, entries, classes, cfg.get("sorted_keys"), tied)
     d = _checked_d(values, kind, rank)
     dims = cfg.get("intervention_dimensions")
     if isinstance(dims, list) and any(isinstance(x, int) and x != d for x in dims):
@@ -305,7 +317,7 @@ def read_pyreft(path: str | os.PathLike) -> dict:
     tensors = {i: {("rotate_raw" if k == "RT" else k): (t.T if k == "RT" else t)
                    for k, t in v.items()} for i, v in values.items()}
     return {"kind": kind, "options": options, "rank": rank, "d": d, "layer_path": layer_path,
-            "tensors": tensors}
+            "tied": tied, "tensors": tensors}
 
 
 def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
@@ -325,8 +337,11 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
     -> "loreft", NoreftIntervention -> "noreft" (add_bias kept: proj_layer.bias becomes c),
     ConsreftIntervention -> "consreft", LobireftIntervention -> "lobireft",
     DireftIntervention -> "direft", NodireftIntervention -> "nodireft" (a proj_layer.bias,
-    unused by pyreft's forward, is ignored). One intervention type for the model, one
-    intervention per layer, component "block_output" (or "<path>[i].output"), unit "pos",
+    unused by pyreft's forward, is ignored). One intervention type for the model; one
+    intervention per layer (tied), or two on every layer (untied: pyreft's
+    share_weights=False, which lists each layer twice; pyvene's keys ``...#0`` and ``...#1``
+    become intervention #0, editing the first p positions, and #1, the last s, of
+    ``patch(..., tied=False)``; positions must then be "f{p}+l{s}"); component "block_output" (or "<path>[i].output"), unit "pos",
     act_fn linear (pyreft's default; it is not recorded in the save). Anything else raises
     CheckpointError naming it, before the model is changed.
 
@@ -345,7 +360,8 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
 
     Args:
         positions: the positions spec the pyreft model was trained with (e.g. "f7+l7");
-            pyreft does not record it.
+            pyreft does not record it. Untied saves: "f{p}+l{s}", with pyreft's rule (each
+            side clipped to half the row, see reft_ext.model.positions).
         dtype: parameter dtype; default float32 (float64 if the files hold float64): pyreft's
             bf16 W, b with fp32 R become float32 exactly.
         layer_path: path of the decoder-layer container, if discovery needs help.
@@ -362,6 +378,12 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
                               f"import before wrapping it with DDP / FSDP / torch.compile")
     imported = read_pyreft(path)
     tensors = imported["tensors"]
+    if not imported["tied"]:
+        try:
+            check_untied_spec(positions)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"reft_ext.load_pyreft: {path} holds untied interventions "
+                                  f"(two per layer): {e}") from None
     if dtype is None:     # float32 holds bf16 / fp16 values exactly
         dtype = torch.float64 if any(t.dtype == torch.float64 for v in tensors.values()
                                      for t in v.values()) else torch.float32
@@ -369,5 +391,5 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
                    options=imported["options"], rank=imported["rank"], d=imported["d"],
                    dtype=dtype,
                    layer_path=layer_path if layer_path is not None else imported["layer_path"],
-                   positions=positions, backend=backend)
+                   positions=positions, backend=backend, tied=imported["tied"])
     return model
