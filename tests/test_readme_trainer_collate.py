@@ -7,7 +7,6 @@ run with the tests' offline byte-level tokenizer in place of the hub one."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +16,11 @@ pytest.importorskip("tokenizers")
 
 import reft_ext  # noqa: E402
 from _integration_util import byte_tokenizer  # noqa: E402
-
-README = Path(__file__).resolve().parent.parent / "README.md"
+from test_readme_blocks import readme_blocks  # noqa: E402
 
 
 def _readme_collate(tok):
-    block = README.read_text().split("### Example: Hugging Face Trainer", 1)[1]
-    block = block.split("```python", 1)[1].split("```", 1)[0]
+    block = readme_blocks()[("Example: Hugging Face Trainer", 0)]
     src = re.search(r"^def collate\(rows\):.*?^    return batch\n", block, re.S | re.M)
     assert src, "no collate in the README's Trainer example"
     ns = {"tok": tok, "torch": torch, "reft_ext": reft_ext}
