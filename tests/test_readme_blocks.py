@@ -195,6 +195,35 @@ h0 = h.clone()
 # check: loreft left h0's values for loreft_ to edit in place, and both edited the same rows
 assert torch.equal(out, h) and not torch.equal(h, h0)
 assert torch.equal(h[0, 1:5], h0[0, 1:5])
+# given: a bank of two interventions for the Banks block
+Rs = torch.stack([R, torch.linalg.qr(torch.randn(16, 4))[0].T])
+Ws, bs = torch.stack([W, torch.randn(4, 16)]), torch.stack([b, torch.randn(4)])
+h = h0.clone()
+""",
+        B("Banks: several interventions in one call"),
+        """
+# check: each slot's row is the plain op's with that slot's entry; index -1 is not edited
+one = reft_ext.loreft(h, torch.tensor([[0, -1], [-1, -1]]), Rs[0], Ws[0], bs[0])
+two = reft_ext.loreft(h, torch.tensor([[-1, 5], [2, -1]]), Rs[1], Ws[1], bs[1])
+assert torch.equal(out[0, 0], one[0, 0]) and torch.equal(out[0, 5], two[0, 5])
+assert torch.equal(out[1, 2], two[1, 2]) and torch.equal(out[1, 0], h[1, 0])
+""",
+    ],
+    "untied": [
+        GIVEN_MODEL, B("Training with `reft_ext.patch`", 1),
+        """
+# check: two interventions on each named layer, #0 on the first and #1 on the last tokens
+units = reft_ext.interventions(model)
+assert sorted(units) == [1, 3] and all(len(u.members) == 2 for u in units.values())
+ids = torch.randint(3, 200, (2, 12))
+mask = torch.tensor([[0] * 3 + [1] * 9, [1] * 12])
+pos = reft_ext.positions_from_mask("f5+l5", mask, tied=False)
+assert pos[0].tolist() == [[3, 4, 5, 6, -1], [8, 9, 10, 11, -1]]   # 9 tokens: 4 each side
+with torch.no_grad():
+    edited = model(input_ids=ids, attention_mask=mask).logits
+    with reft_ext.disabled(model):
+        plain = model(input_ids=ids, attention_mask=mask).logits
+assert not torch.equal(edited, plain)
 """,
     ],
 }
