@@ -11,7 +11,8 @@ effect is below the run-to-run spread of bench_op.py.
     python bench/ab_kernels.py base=/tmp/base/build/_C*.so new=build/.../_C*.so
 
 Arguments are name=path of each build's _C module; the installed reft_ext marshals the
-arguments, so the builds must share its native signatures. The native calls alone are
+arguments, so the builds must share its native signatures (a build whose described problem
+has fewer fields, e.g. one from before banks, gets the fields it lists, in its order). The native calls alone are
 timed (no autograd, no allocation): forward with the saved-rows copy and coefficients, as
 loreft_ with grad does, and backward from them, at B=8 T=512 d=4096 r=8, P=14 (f7+l7), float32 and
 bfloat16 h with float32 parameters, on 1 and 2 threads; "cold" repeats first stream
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             args_p = _marshal.problem(h, pos, R, W, b)
+            problems = {name: tuple(getattr(args_p, f) for f in lib.PROBLEM_FIELDS)
+                        for name, lib in libs.items()}
             times = {}
             for _ in range(args.reps):
                 for name, lib in libs.items():
@@ -81,13 +84,14 @@ def main(argv=None) -> int:
                         if cold:
                             evict.mul_(1.0)
                         t0 = time.perf_counter()
-                        lib.forward_cpu(args_p, _marshal.rows(h), _marshal.rows(saved),
+                        prob = problems[name]
+                        lib.forward_cpu(prob, _marshal.rows(h), _marshal.rows(saved),
                                         coef.data_ptr())
                         t1 = time.perf_counter()
                         if cold:
                             evict.mul_(1.0)
                         t2 = time.perf_counter()
-                        lib.backward_cpu(args_p, _marshal.rows(g), _marshal.rows(saved), True,
+                        lib.backward_cpu(prob, _marshal.rows(g), _marshal.rows(saved), True,
                                          coef.data_ptr(), *(t.data_ptr() for t in grads),
                                          _marshal.NO_ROWS)
                         t3 = time.perf_counter()
