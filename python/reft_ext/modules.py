@@ -257,7 +257,7 @@ class LoReFT(_Orthonormal):
 
     def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
                  device=None, dropout: float = 0.0, backend: str = "fused"):
-        super().__init__("LoReFT", d, rank, dropout, backend)
+        super().__init__(type(self).__name__, d, rank, dropout, backend)
         kw = dict(dtype=_default_dtype(dtype), device=device)
         self._init_rotate(kw)
         self.weight = nn.Parameter(torch.empty(rank, d, **kw))
@@ -336,12 +336,8 @@ class NoReFT(_Intervention):
         return self.proj, self.weight, b
 
 
-class ConsReFT(_Orthonormal):
-    """ConsReFT Phi(h) = h + R^T (b - R h), R orthonormal (pyreft's ConsreftIntervention:
-    the edit moves h's component in R's row space to the constant b). Kernel: W := 0, a
-    constant zero matrix (not a parameter; its kernel gradient is discarded).
-
-    Args: as :class:`LoReFT`.
+class _RotatedBias(_Orthonormal):
+    """What ConsReFT and LobiReFT share: an orthonormal R and a bias b, no W.
 
     Parameters:
         rotate_raw: (r, d), see :class:`_Orthonormal`.
@@ -353,7 +349,7 @@ class ConsReFT(_Orthonormal):
 
     def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
                  device=None, dropout: float = 0.0, backend: str = "fused"):
-        super().__init__("ConsReFT", d, rank, dropout, backend)
+        super().__init__(type(self).__name__, d, rank, dropout, backend)
         kw = dict(dtype=_default_dtype(dtype), device=device)
         self._init_rotate(kw)
         self.bias = nn.Parameter(torch.empty(rank, **kw))
@@ -364,48 +360,36 @@ class ConsReFT(_Orthonormal):
         self._reset_rotate()
         with torch.no_grad():
             self.bias.uniform_(0.0, 1.0)
+
+
+class ConsReFT(_RotatedBias):
+    """ConsReFT Phi(h) = h + R^T (b - R h), R orthonormal (pyreft's ConsreftIntervention:
+    the edit moves h's component in R's row space to the constant b). Kernel: W := 0, a
+    constant zero matrix (not a parameter; its kernel gradient is discarded).
+
+    Args: as :class:`LoReFT`. Parameters: ``rotate_raw``, ``bias`` (see _RotatedBias).
+    """
 
     def kernel_params(self):
         R = self.R
         return R, torch.zeros_like(R), self.bias
 
 
-class LobiReFT(_Orthonormal):
+class LobiReFT(_RotatedBias):
     """LobiReFT Phi(h) = h + R^T b, R orthonormal (pyreft's LobireftIntervention: a
     learned bias in a learned rank-r subspace). Kernel: W := R, so W x - R x cancels
     (exactly: the kernel forms both products from the same tensor) and the gradient
     reaching rotate_raw is the sum of the kernel's R and W gradients.
 
-    Args: as :class:`LoReFT`.
-
-    Parameters:
-        rotate_raw: (r, d), see :class:`_Orthonormal`.
-        bias: (r,) = b, initialised U[0, 1) like pyreft's ``learned_source`` (torch.rand).
+    Args: as :class:`LoReFT`. Parameters: ``rotate_raw``, ``bias`` (see _RotatedBias).
     """
-
-    SAVED_TENSORS = {"rotate_raw": "rotate_raw", "b": "bias"}
-    DERIVED_TENSORS = {"R": ("rotate_raw", orthonormal_rows)}
-
-    def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
-                 device=None, dropout: float = 0.0, backend: str = "fused"):
-        super().__init__("LobiReFT", d, rank, dropout, backend)
-        kw = dict(dtype=_default_dtype(dtype), device=device)
-        self._init_rotate(kw)
-        self.bias = nn.Parameter(torch.empty(rank, **kw))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Orthonormal rotate_raw; b ~ U[0, 1). Draws from torch's global RNG."""
-        self._reset_rotate()
-        with torch.no_grad():
-            self.bias.uniform_(0.0, 1.0)
 
     def kernel_params(self):
         R = self.R
         return R, R, self.bias
 
 
-class DiReFT(_Orthonormal):
+class DiReFT(LoReFT):
     """DiReFT Phi(h) = h + R^T (W h + b), R orthonormal (pyreft's DireftIntervention:
     LoReFT without the -R h term). Kernel: W := W + R.
 
@@ -416,28 +400,6 @@ class DiReFT(_Orthonormal):
 
     Parameters: as :class:`LoReFT` (rotate_raw; weight = W, bias = b as nn.Linear(d, r)).
     """
-
-    SAVED_TENSORS = {"rotate_raw": "rotate_raw", "W": "weight", "b": "bias"}
-    DERIVED_TENSORS = {"R": ("rotate_raw", orthonormal_rows)}
-
-    def __init__(self, d: int, rank: int, *, dtype: torch.dtype | None = None,
-                 device=None, dropout: float = 0.0, backend: str = "fused"):
-        super().__init__("DiReFT", d, rank, dropout, backend)
-        kw = dict(dtype=_default_dtype(dtype), device=device)
-        self._init_rotate(kw)
-        self.weight = nn.Parameter(torch.empty(rank, d, **kw))
-        self.bias = nn.Parameter(torch.empty(rank, **kw))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Orthonormal rotate_raw; W, b as nn.Linear(d, r). Draws from torch's global RNG."""
-        self._reset_rotate()
-        _linear_init(self.weight, self.bias, d=self.d)
-
-    @property
-    def W(self) -> torch.Tensor:
-        """(r, d)."""
-        return self.weight
 
     def kernel_params(self):
         R = self.R
