@@ -851,10 +851,13 @@ void backward_launch(const Problem& p, Rows g, Rows dx, Rows x, bool x_gathered,
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const KernelArgs a = make_args(p);
   if (a.n == 0) {
-    // Nothing selected: the gradients are exactly zero (dx is g, already in place).
-    cudaError_t e = cudaMemsetAsync(dR, 0, size_t(a.N * p.r * p.d) * sizeof(A), stream);
-    if (e == cudaSuccess) e = cudaMemsetAsync(dW, 0, size_t(a.N * p.r * p.d) * sizeof(A), stream);
-    if (e == cudaSuccess) e = cudaMemsetAsync(db, 0, size_t(a.N * p.r) * sizeof(A), stream);
+    // Nothing selected: the gradients are exactly zero (dx is g, already in place). p.N,
+    // not a.N: an empty index may have no data pointer, but the buffers still hold N
+    // entries.
+    const int64_t N = std::max<int64_t>(p.N, 1);
+    cudaError_t e = cudaMemsetAsync(dR, 0, size_t(N * p.r * p.d) * sizeof(A), stream);
+    if (e == cudaSuccess) e = cudaMemsetAsync(dW, 0, size_t(N * p.r * p.d) * sizeof(A), stream);
+    if (e == cudaSuccess) e = cudaMemsetAsync(db, 0, size_t(N * p.r) * sizeof(A), stream);
     if (e != cudaSuccess)
       throw std::runtime_error(std::string("reft_ext: cudaMemsetAsync failed: ") + cudaGetErrorString(e));
     return;
