@@ -106,7 +106,8 @@ def emu_backward(g, pos, x, x_gathered, R, W, b, dx=None, index=None):
     acc = acc_dtype(x.dtype)
     if dx is None:
         dx = g.clone()
-    mask = selected_mask(_edited(pos, index, R.shape[0] if R.dim() == 3 else None), g.shape[1])
+    N = R.shape[0] if R.dim() == 3 else None
+    mask = selected_mask(_edited(pos, index, N), g.shape[1])
     dx[mask] = float("nan")
     dR, dW = (torch.full(R.shape, float("nan"), dtype=acc) for _ in range(2))
     db = torch.full(b.shape, float("nan"), dtype=acc)
@@ -469,6 +470,20 @@ def bank_cases(dtype):
     ]
 
 
+def chunks_per_entry(B, P, d, r, N):
+    """Row chunks per bank entry of the parameter kernel (backward_layout's rule)."""
+    base = -(-d // 128) * -(-r // 8)
+    nchunks = max(1, min(-(-2048 // base), -(-max(B * P, 1) // 64), 1024))
+    return max(1, nchunks // N)
+
+
+def test_the_bank_matrix_covers_one_and_several_chunks_per_entry():
+    for dtype in DTYPES.values():
+        per = {chunks_per_entry(B, P, d, r, N) for _, B, _, d, r, P, N in bank_cases(dtype)}
+        assert 1 in per and max(per) >= 2, (dtype, per)
+        assert any(r > 8 for *_, r, _, _ in bank_cases(dtype))  # several rank groups
+
+
 BANK_MATRIX = [pytest.param(h, p, i, id=f"h{h}-p{p}-{c[0]}")
                for h, p in PARAM_DTYPES for i, c in enumerate(bank_cases(torch.float32))]
 
@@ -567,8 +582,8 @@ def test_bank_with_every_slot_empty_or_no_slot():
     """Index -1 everywhere, and P = 0: out is h, dh is g, every gradient exact zeros."""
     h, pos, _, _, _, g = inputs(seed_of("emu-bank-empty"), 2, 8, 32, 4, 3, torch.float32)
     R, W, b = make_bank(seed_of("emu-bank-empty", 1), 3, 4, 32)
-    for pos_, index in ((pos, torch.full((2, 3), -1)),
-                        (torch.empty((2, 0), dtype=torch.int64), torch.empty((2, 0), dtype=torch.int64))):
+    none = torch.empty((2, 0), dtype=torch.int64)
+    for pos_, index in ((pos, torch.full((2, 3), -1)), (none, none)):
         fused = emu_op(h, pos_, R, W, b, g, inplace=True, index=index)
         assert_bitwise_equal(fused[0], h, "out with no edited slot")
         assert_bitwise_equal(fused[1], g, "dh with no edited slot")

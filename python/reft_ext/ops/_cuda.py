@@ -114,11 +114,15 @@ def compact_rows(grad, positions, x, x_gathered):
 @torch.library.impl("reft_ext::loreft_bwd_rows", "cuda")
 def _bwd_rows_cuda(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
     # The CUDA kernels write dx into a second buffer: run them on the gathered rows and
-    # subtract (a (B, P, d) problem; empty slots' rows, -1 positions or -1 index, are left
-    # as g, so their delta is 0 unless g holds inf or NaN there, hence the fill).
+    # subtract (a (B, P, d) problem; empty slots' rows are left as g, so their delta is 0
+    # unless g holds inf or NaN there, hence the fill). With a bank, a slot is also empty
+    # when its index is -1 (or out of range, which the kernels treat alike when nothing
+    # validated it: under graph capture).
     g_c, pos_c, x_c = compact_rows(grad, positions, x, x_gathered)
     dx_c, dR, dW, db = _bwd_cuda(g_c, pos_c, x_c, True, R, W, b, index=index)
-    empty = positions < 0 if index is None else (positions < 0) | (index < 0)
+    empty = positions < 0
+    if index is not None:
+        empty = empty | (index < 0) | (index >= R.shape[0])
     return dx_c.sub_(g_c).masked_fill_(empty.unsqueeze(-1), 0), dR, dW, db
 
 
