@@ -650,3 +650,41 @@ def test_bank_bad_index_is_never_dereferenced_and_skip_writes_nothing():
         exp = emu_backward(g, pos, x, inplace, R, W, b, index=cleaned)
         for name, a, e in zip(NAMES[1:], got, exp):
             assert_bitwise_equal(a, e, f"{name} with out-of-range index entries")
+
+
+def test_positions_validation_with_an_index(monkeypatch):
+    """reft_ext/ops/_cuda.py's validation (_validate_positions_cuda) run with this module as
+    its native library, on CPU tensors: a bad index raises ValueError naming the index;
+    the cache of the last valid positions also keys on the index tensor, its version and
+    N; under capture the status (bit 4) is returned for the forward's skip flag."""
+    from reft_ext.ops import _cuda
+
+    monkeypatch.setattr(_cuda, "_last_valid_positions", (None, -1, -1, None, -1, -1))
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    B, T, d, r, P, N = 2, 10, 8, 2, 4, 3
+    h, pos, _, _, _, _ = inputs(seed_of("emu-bank-validate"), B, T, d, r, P, torch.float32)
+    R, W, b = make_bank(seed_of("emu-bank-validate", 1), N, r, d)
+    index = make_index(seed_of("emu-bank-validate", 2), B, P, N)
+
+    def validate(index, R=R, W=W, b=b):
+        before = E.stats()["launches"]
+        skip = _cuda._validate_positions_cuda("loreft", E, h, pos, R, W, b, 0, index)
+        return skip, E.stats()["launches"] - before
+
+    assert validate(index) == (None, 1)
+    assert validate(index) == (None, 0), "unchanged positions and index: no new check"
+    assert validate(None) == (None, 1), "no index after an index: checked again"
+    assert validate(index) == (None, 1)
+    other = index.clamp(max=N - 2)
+    assert validate(other) == (None, 1), "another index tensor: checked again"
+    assert validate(other, R[:-1], W[:-1], b[:-1]) == (None, 1), "N changed: checked again"
+    with pytest.raises(ValueError, match="index"):
+        validate(other, R[:-2], W[:-2], b[:-2])  # N - 2 entries: other's N - 2 is out
+    for bad in (N, -2):
+        index[1, 2] = bad  # in place: a version bump
+        with pytest.raises(ValueError, match="index"):
+            validate(index)
+    capturing[0] = True
+    skip, launches = validate(index)
+    assert launches == 1 and int(skip.item()) == 4
