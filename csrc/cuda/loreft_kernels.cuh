@@ -600,8 +600,8 @@ backward_params_kernel(KernelArgs a, Rows g, Rows x, bool x_gathered, const acc_
   const int64_t d = a.d, r = a.r, n = a.n;
   const int64_t tile_cols = 32 * VEC2;
   const int64_t ct = blockIdx.x, qg = blockIdx.y;
-  const int64_t entry = int64_t(blockIdx.z) / nchunks, chunk = int64_t(blockIdx.z) - entry * nchunks;
-  const int64_t zc = blockIdx.z, nz = a.N * nchunks;  // partial slot, partial slots
+  const int64_t zc = blockIdx.z, nz = a.N * nchunks;  // this block's partial slot, all slots
+  const int64_t entry = zc / nchunks, chunk = zc - entry * nchunks;
   const int64_t k = ct * tile_cols + int64_t(lane) * VEC2;
   const int64_t q0 = qg * Q;
   const int qn = int(r - q0 < Q ? r - q0 : Q);
@@ -613,9 +613,9 @@ backward_params_kernel(KernelArgs a, Rows g, Rows x, bool x_gathered, const acc_
 #pragma unroll
   for (int v = 0; v < L; ++v) acc[v] = A(0);
   for (int64_t s = s_begin + warp; s < s_end; s += kWarps) {
-    int64_t i, j, e;
-    const int64_t t = slot_token(a, s, i, j, e);
-    if (t < 0 || e != entry) continue;
+    int64_t i, j, slot_entry;
+    const int64_t t = slot_token(a, s, i, j, slot_entry);
+    if (t < 0 || slot_entry != entry) continue;
     A xx[VEC2], gg[VEC2];
 #pragma unroll
     for (int e = 0; e < VEC2; ++e) xx[e] = gg[e] = A(0);
