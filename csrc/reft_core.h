@@ -109,15 +109,17 @@ void check_positions_cuda(const Problem& p, int32_t* status);
 // position is -1 are zero-filled (saved needs no memset). skip: nullptr once the caller
 // has seen a zero status; otherwise a device int32 (check_positions_cuda's status) that
 // makes the kernel write nothing when nonzero, for callers that cannot read it back
-// before the launch (CUDA graph capture). Entries outside [0, T) are never dereferenced.
+// before the launch (CUDA graph capture). Positions outside [0, T) and index entries
+// outside [0, N) are never dereferenced (their slots are left empty).
 void loreft_forward_cuda(const Problem& p, Rows io, Rows saved, const int32_t* skip);
 
 // Backward. Unlike the CPU version, g = dL/dy (read at the selected rows only) and dx
 // (receives dL/dh at the selected rows; other rows are left as they are) are separate
 // buffers, because the second launch reads g again. x as for the CPU. dR, dW (r, d)
-// and db (r,) are written in the accumulation type, with a reduction order that depends
-// on the shape (B, P, d, r) and dtype only. workspace: device memory of at least
-// loreft_backward_cuda_workspace(p) bytes, any content.
+// and db (r,) (with a bank: (N, r, d) and (N, r), zeros for unused entries) are written
+// in the accumulation type, with a reduction order that depends on the shape
+// (B, P, d, r, N), the dtype and the index's values only. workspace: device memory of
+// at least loreft_backward_cuda_workspace(p) bytes, any content.
 void loreft_backward_cuda(const Problem& p, Rows g, Rows dx, Rows x, bool x_gathered,
                           void* dR, void* dW, void* db, void* workspace,
                           int64_t workspace_bytes);

@@ -235,3 +235,178 @@ def test_build_reports_cuda():
     info = reft_ext.build_info()
     assert info["cuda_kernels"] and info["cuda_archs"], info
     assert info["cuda_devices"] and info["cuda_devices"] >= 1, info
+
+
+# ---------------------------------------------------------------------------------------
+# Intervention banks (issue 16): R, W (N, r, d), b (N, r) and a (B, P) index, through the
+# ops themselves (torch.ops.reft_ext.*, index as their last argument) on CUDA tensors.
+# tests/test_cuda_emu.py runs the same kernels on the CPU with poisoned outputs and block
+# orders; these check what only a GPU shows (nvcc's code, the real memory model, streams
+# and graph capture).
+
+OPS = torch.ops.reft_ext
+NAMES = ("out", "dh", "dR", "dW", "db")
+
+
+def _bank(seed, N, r, d, dtypes):
+    gen = torch.Generator().manual_seed(seed)
+    entries = [make_params(gen, r, d, dtypes) for _ in range(N)]
+    return tuple(torch.stack([e[k] for e in entries]) for k in range(3))
+
+
+def _bank_index(seed, B, P, N, dtype=torch.int64, empty_frac=0.2, unused=()):
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(N) if e not in unused])
+    index = allowed[torch.randint(len(allowed), (B, P), generator=gen)]
+    index[torch.rand(B, P, generator=gen) < empty_frac] = -1
+    return index.to(dtype)
+
+
+def _bank_ops(h, pos, R, W, b, g, index, inplace):
+    """(out, dh, dR, dW, db) from the CUDA ops: loreft_fwd + loreft_bwd (x = h), or
+    loreft_fwd_ (saving the rows) + loreft_bwd (x = the saved rows); also checks that
+    loreft_bwd_rows gives the same row corrections and gradients."""
+    if inplace:
+        out = h.clone()
+        saved, _ = OPS.loreft_fwd_(out, pos, R, W, b, True, index)
+        x, gathered = saved, True
+    else:
+        out = OPS.loreft_fwd(h, pos, R, W, b, index)
+        x, gathered = h, False
+    dh, dR, dW, db = OPS.loreft_bwd(g, pos, x, gathered, R, W, b, None, index)
+    delta, *grads = OPS.loreft_bwd_rows(g, pos, x, gathered, R, W, b, None, index)
+    edited = (pos >= 0) & (index >= 0)
+    bi, pj = edited.nonzero(as_tuple=True)
+    rows = pos[bi, pj].long()
+    expect = torch.zeros_like(delta)
+    expect[bi, pj] = (dh[bi, rows] - g[bi, rows].to(dh.dtype)).to(delta.dtype)
+    torch.testing.assert_close(delta, expect, msg="loreft_bwd_rows' row corrections")
+    for name, a, c in zip(NAMES[2:], (dR, dW, db), grads):
+        assert_bitwise_equal(c, a, f"{name} of loreft_bwd_rows vs loreft_bwd")
+    return out, dh, dR, dW, db
+
+
+def _bank_reference(h, pos, R, W, b, g, index, float64):
+    if float64:
+        h, R, W, b, g = (t.detach().cpu().double() for t in (h, R, W, b, g))
+        pos, index = pos.cpu(), index.cpu()
+    leaf = h.detach().clone().requires_grad_()
+    params = [t.detach().clone().requires_grad_() for t in (R, W, b)]
+    out = loreft_reference(leaf, pos, *params, index=index)
+    out.backward(g)
+    return (out.detach(), leaf.grad, *(p.grad for p in params))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["loreft", "loreft_"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+@pytest.mark.parametrize("h_dtype,p_dtype", [(torch.float32, torch.float32),
+                                             (torch.float64, torch.float64),
+                                             (torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16)],
+                         ids=["f32", "f64", "f16-pf32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 40, 1003, 5, 7, 4), (8, 96, 256, 13, 80, 3)],
+                         ids=["odd_d", "chunks"])
+def test_bank_matches_reference(shape, h_dtype, p_dtype, index_dtype, inplace):
+    """Each slot edited with its entry, -1 index slots untouched, an unused entry's
+    gradients exact zeros, against the float64 reference under the tolerance rule."""
+    B, T, d, r, P, N = shape
+    seed = seed_of("bank", shape, h_dtype, p_dtype, index_dtype, inplace)
+    h, pos, _, _, _, g = make_inputs(seed, B, T, d, r, P, h_dtype, (p_dtype,) * 3)
+    R, W, b = _bank(seed + 1, N, r, d, (p_dtype,) * 3)
+    index = _bank_index(seed + 2, B, P, N, index_dtype, unused=(1,))
+    index_view = torch.stack([index, index], dim=-1).to(DEV)[..., 0]  # strides (2P, 2)
+    assert not index_view.is_contiguous()
+    dev = [t.to(DEV) for t in (h, pos, R, W, b, g)]
+    fused = _bank_ops(*dev, index_view, inplace)
+    ref64 = _bank_reference(h, pos, R, W, b, g, index, True)
+    same = _bank_reference(*dev, index.to(DEV), False)
+    for name, f, e, s in zip(NAMES, fused, ref64, same):
+        assert f.device.type == "cuda" and not f.isnan().any(), name
+        assert_within_rule(name, f, e, s)
+    edited = torch.where(index >= 0, pos, -1)
+    bi, pj = (edited >= 0).nonzero(as_tuple=True)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[bi, edited[bi, pj]] = True
+    assert_bitwise_equal(fused[0].cpu()[~mask], h[~mask], "out at unedited rows vs h")
+    assert_bitwise_equal(fused[1].cpu()[~mask], g[~mask], "dh at unedited rows vs g")
+    for name, t in zip(NAMES[2:], fused[2:]):
+        assert_bitwise_equal(t[1], torch.zeros_like(t[1]), f"{name} of the unused entry")
+
+
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_bank_of_one_equals_no_index_bitwise(h_dtype):
+    """N = 1 with an index of zeros runs the ordinary kernels: the same bits as no index."""
+    B, T, d, r, P = 3, 64, 512, 8, 24
+    h, pos, R, W, b, g = (t.to(DEV) for t in make_inputs(seed_of("bank-one", h_dtype), B, T,
+                                                         d, r, P, h_dtype))
+    index = torch.zeros(B, P, dtype=torch.int64, device=DEV)
+    plain = (OPS.loreft_fwd(h, pos, R, W, b), *OPS.loreft_bwd(g, pos, h, False, R, W, b))
+    banked = (OPS.loreft_fwd(h, pos, R[None], W[None], b[None], index),
+              *OPS.loreft_bwd(g, pos, h, False, R[None], W[None], b[None], None, index))
+    for name, p_, k in zip(NAMES, plain, banked):
+        assert_bitwise_equal(k if name in ("out", "dh") else k[0], p_, f"{name}, N = 1")
+
+
+def test_bank_gradients_are_deterministic():
+    """Many row chunks shared among the entries: repeated runs give the same bits."""
+    B, T, d, r, P, N = 8, 512, 1024, 8, 256, 5
+    h, pos, _, _, _, g = make_inputs(seed_of("bank-det"), B, T, d, r, P, torch.bfloat16,
+                                     (torch.float32,) * 3, empty_frac=0.1)
+    R, W, b = _bank(seed_of("bank-det", 1), N, r, d, (torch.float32,) * 3)
+    index = _bank_index(seed_of("bank-det", 2), B, P, N)
+    args = [t.to(DEV) for t in (h, pos, R, W, b, g, index)]
+    first = _bank_ops(*args, False)
+    for _ in range(2):
+        for name, a, c in zip(NAMES, first, _bank_ops(*args, False)):
+            assert_bitwise_equal(c, a, f"{name} on a repeated run")
+
+
+def test_bank_bad_index_raises_before_writing():
+    """An index entry outside {-1} U [0, N) raises ValueError and leaves h untouched, also
+    after the same positions (and another index) were found valid: the check's cache
+    keys on the index tensor and its version."""
+    B, T, d, r, P, N = 2, 16, 64, 4, 3, 3
+    h, pos, _, _, _, _ = make_inputs(seed_of("bank-bad"), B, T, d, r, P, torch.float32)
+    R, W, b = (t.to(DEV) for t in _bank(seed_of("bank-bad", 1), N, r, d, (torch.float32,) * 3))
+    h, pos = h.to(DEV), pos.to(DEV)
+    index = torch.zeros(B, P, dtype=torch.int64, device=DEV)
+    OPS.loreft_fwd_(h.clone(), pos, R, W, b, False, index)  # valid: cached
+    for bad in (N, -2):
+        for fresh in (False, True):
+            bad_index = index.clone() if fresh else index
+            bad_index[1, 2] = bad  # in place on the cached tensor: a version bump
+            x = h.clone()
+            with pytest.raises(ValueError, match="index"):
+                OPS.loreft_fwd_(x, pos, R, W, b, False, bad_index)
+            assert_bitwise_equal(x, h, f"h after a rejected index ({bad})")
+            index[1, 2] = 0
+
+
+def test_bank_bad_index_under_graph_capture_writes_nothing():
+    """Under capture the check kernel's bit 4 makes the captured edit a no-op."""
+    B, T, d, r, P, N = 2, 16, 64, 4, 3, 3
+    h, pos, _, _, _, _ = make_inputs(seed_of("bank-capture"), B, T, d, r, P, torch.float32)
+    R, W, b = (t.to(DEV) for t in _bank(seed_of("bank-capture", 1), N, r, d,
+                                        (torch.float32,) * 3))
+    h, pos = h.to(DEV), pos.to(DEV)
+    index = _bank_index(seed_of("bank-capture", 2), B, P, N).to(DEV)
+    static_h, static_index = h.clone(), index.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture
+        OPS.loreft_fwd_(static_h.clone(), pos, R, W, b, False, static_index)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        OPS.loreft_fwd_(static_h, pos, R, W, b, False, static_index)
+
+    graph.replay()
+    assert_bitwise_equal(static_h, OPS.loreft_fwd(h, pos, R, W, b, index),
+                         "replayed edit with a valid index")
+    for bad in (N, -2, 1 << 40):
+        static_h.copy_(h)
+        bad_index = index.clone()
+        bad_index[1, 2] = bad
+        static_index.copy_(bad_index)
+        graph.replay()
+        assert_bitwise_equal(static_h, h, f"h after a replay with index entry {bad}")

@@ -8,7 +8,8 @@ What this checks: every dtype and kernel path, forward and backward, against the
 reference under the one tolerance rule of tests/_util.py; outputs poisoned beforehand
 (NaN) so that an unwritten element fails; unselected rows bitwise untouched; bitwise
 determinism across launches and block orders; aligned and unaligned paths bitwise alike;
-the positions check kernel and the capture-time skip flag.
+the positions check kernel and the capture-time skip flag; and the same for intervention
+banks (a (B, P) index into stacked parameters).
 
 What it cannot check (README, "CUDA kernels without a GPU"): nvcc's FMA contraction (so
 nothing here is compared bitwise with a GPU), the GPU's weak memory model, register
@@ -35,8 +36,9 @@ import torch
 
 from reft_ext.ops._checks import acc_dtype
 from reft_ext.ops._marshal import NO_ROWS, problem as _problem, rows as _rows
-from _util import (assert_bitwise_equal, assert_within_rule, make_inputs, reference_results,
-                   seed_of, selected_mask)
+from reft_ext.ops.reference import loreft_reference
+from _util import (assert_bitwise_equal, assert_within_rule, gen, make_inputs, make_params,
+                   make_positions, reference_results, seed_of, selected_mask)
 
 _DIR = Path(os.environ.get("REFT_CUEMU_DIR") or
             Path(__file__).resolve().parent.parent / "build" / "cuemu-plain")
@@ -75,39 +77,41 @@ def inputs(seed, B, T, d, r, P, *args, **kwargs):
 # ---------------------------------------------------------------------------------------
 # The calls of reft_ext/ops/_cuda.py's CUDA kernels, over CPU tensors.
 
-def _status(h, pos, R, W, b):
+def _status(h, pos, R, W, b, index=None):
     status = torch.zeros(1, dtype=torch.int32)
-    E.check_positions_cuda(_problem(h, pos, R, W, b), status.data_ptr())
+    E.check_positions_cuda(_problem(h, pos, R, W, b, index=index), status.data_ptr())
     return int(status.item())
 
 
-def emu_forward(h, pos, R, W, b, io=None, save=False, skip=None):
+def emu_forward(h, pos, R, W, b, io=None, save=False, skip=None, index=None, check=True):
     """_fwd_cuda / _fwd_inplace_cuda: edits io (default: a copy of h) in place; returns
-    (io, saved). saved starts as NaN: the kernel must write every slot."""
+    (io, saved). saved starts as NaN: the kernel must write every slot. check=False skips
+    the validation the op does first (for the kernels' own handling of bad entries)."""
     R, W, b = R.contiguous(), W.contiguous(), b.contiguous()
-    assert _status(h, pos, R, W, b) == 0, "test inputs must have valid positions"
+    if check:
+        assert _status(h, pos, R, W, b, index) == 0, "test inputs must have valid positions"
     io = h.clone() if io is None else io
     B, T, d = h.shape
     saved = torch.full((B, pos.shape[1], d), float("nan"), dtype=h.dtype)
-    E.forward_cuda(_problem(io, pos, R, W, b), _rows(io), _rows(saved) if save else NO_ROWS,
-                   skip.data_ptr() if skip is not None else 0)
+    E.forward_cuda(_problem(io, pos, R, W, b, index=index), _rows(io),
+                   _rows(saved) if save else NO_ROWS, skip.data_ptr() if skip is not None else 0)
     return io, (saved if save else None)
 
 
-def emu_backward(g, pos, x, x_gathered, R, W, b, dx=None):
+def emu_backward(g, pos, x, x_gathered, R, W, b, dx=None, index=None):
     """_bwd_cuda_into: returns (dx, dR, dW, db). dx starts as g with its selected rows NaN,
     the parameter gradients and the workspace as NaN bytes: everything the kernels must
     write is poisoned."""
     Rc, Wc, bc = R.contiguous(), W.contiguous(), b.contiguous()
     acc = acc_dtype(x.dtype)
-    r, d = R.shape
     if dx is None:
         dx = g.clone()
-    mask = selected_mask(pos, g.shape[1])
+    N = R.shape[0] if R.dim() == 3 else None
+    mask = selected_mask(_edited(pos, index, N), g.shape[1])
     dx[mask] = float("nan")
-    dR, dW = (torch.full((r, d), float("nan"), dtype=acc) for _ in range(2))
-    db = torch.full((r,), float("nan"), dtype=acc)
-    args = _problem(dx, pos, Rc, Wc, bc)
+    dR, dW = (torch.full(R.shape, float("nan"), dtype=acc) for _ in range(2))
+    db = torch.full(b.shape, float("nan"), dtype=acc)
+    args = _problem(dx, pos, Rc, Wc, bc, index=index)
     ws_bytes = E.backward_cuda_workspace(args)
     ws = torch.full((max(ws_bytes, 1),), 0xFF, dtype=torch.uint8)
     E.backward_cuda(args, _rows(g), _rows(dx), _rows(x), x_gathered, dR.data_ptr(),
@@ -115,17 +119,27 @@ def emu_backward(g, pos, x, x_gathered, R, W, b, dx=None):
     return dx, dR.to(R.dtype), dW.to(W.dtype), db.to(b.dtype)
 
 
-def emu_op(h, pos, R, W, b, g, inplace=False):
+def _edited(pos, index, N=None):
+    """pos with -1 at the slots a bank index leaves empty: the slots the op edits (N: also
+    treat entries >= N as empty, as the kernels do with an index nothing validated)."""
+    if index is None:
+        return pos
+    keep = index >= 0 if N is None else (index >= 0) & (index < N)
+    return torch.where(keep, pos, -1)
+
+
+def emu_op(h, pos, R, W, b, g, inplace=False, index=None):
     """(out, dh, dR, dW, db) as loreft (x = h) or loreft_ (x = the saved rows) computes
     them on CUDA."""
-    out, saved = emu_forward(h, pos, R, W, b, save=inplace)
+    out, saved = emu_forward(h, pos, R, W, b, save=inplace, index=index)
     if inplace:
-        bi, pj = (pos >= 0).nonzero(as_tuple=True)
+        edited = _edited(pos, index)
+        bi, pj = (edited >= 0).nonzero(as_tuple=True)
         expect = torch.zeros_like(saved)
-        expect[bi, pj] = h[bi, pos[bi, pj].long()]
-        assert_bitwise_equal(saved, expect, "saved rows (zeros at -1 slots)")
-        return (out, *emu_backward(g, pos, saved, True, R, W, b))
-    return (out, *emu_backward(g, pos, h, False, R, W, b))
+        expect[bi, pj] = h[bi, edited[bi, pj].long()]
+        assert_bitwise_equal(saved, expect, "saved rows (zeros at empty slots)")
+        return (out, *emu_backward(g, pos, saved, True, R, W, b, index=index))
+    return (out, *emu_backward(g, pos, h, False, R, W, b, index=index))
 
 
 def check_emu_against_reference(h, pos, R, W, b, g, inplace=False):
@@ -388,3 +402,289 @@ def test_rank_above_the_limit_is_refused_before_any_launch():
         E.forward_cuda(_problem(h, torch.zeros(1, 1, dtype=torch.long), R, R, torch.randn(r)),
                        _rows(h), NO_ROWS, 0)
     assert E.stats()["launches"] == before
+
+
+# ---------------------------------------------------------------------------------------
+# Intervention banks: R, W (N, r, d), b (N, r) and a (B, P) index, slot (i, j) edited with
+# entry index[i, j] (-1: empty slot). With N > 1 the kernels run their one-row general
+# variants, each block pointed at its slot's entry, and the parameter kernel reduces per
+# entry (csrc/cuda/loreft_kernels.cuh).
+
+def make_bank(seed, N, r, d, dtypes=(torch.float32,) * 3):
+    """N fresh entries of make_params, stacked: R, W (N, r, d), b (N, r)."""
+    g = gen(seed)
+    entries = [make_params(g, r, d, dtypes) for _ in range(N)]
+    return tuple(torch.stack([e[k] for e in entries]) for k in range(3))
+
+
+def make_index(seed, B, P, N, dtype=torch.int64, empty_frac=0.2, unused=()):
+    """(B, P) random entries in [0, N) except those in `unused`, -1 in random slots."""
+    g = gen(seed)
+    allowed = torch.tensor([e for e in range(N) if e not in unused])
+    index = allowed[torch.randint(len(allowed), (B, P), generator=g)]
+    index[torch.rand(B, P, generator=g) < empty_frac] = -1
+    return index.to(dtype)
+
+
+def bank_reference(h, pos, R, W, b, g, index, float64=False):
+    """(out, dh, dR, dW, db) of loreft_reference with the index, by autograd: in float64,
+    or in the inputs' own dtypes (the tolerance rule's PyTorch error)."""
+    if float64:
+        h, R, W, b, g = (t.double() for t in (h, R, W, b, g))
+    leaf = h.detach().requires_grad_()
+    params = [t.detach().requires_grad_() for t in (R, W, b)]
+    out = loreft_reference(leaf, pos, *params, index=index)
+    out.backward(g)
+    return (out.detach(), leaf.grad, *(p.grad for p in params))
+
+
+def check_bank_against_reference(h, pos, R, W, b, g, index, inplace=False):
+    fused = emu_op(h, pos, R, W, b, g, inplace, index=index)
+    ref64 = bank_reference(h, pos, R, W, b, g, index, float64=True)
+    same = bank_reference(h, pos, R, W, b, g, index)
+    for name, f, e, sm in zip(NAMES, fused, ref64, same):
+        assert not f.isnan().any(), f"{name}: an element the kernels must write was not"
+        assert_within_rule(name, f, e, sm)
+    mask = selected_mask(_edited(pos, index), h.shape[1])
+    assert_bitwise_equal(fused[0][~mask], h[~mask], "out at unselected rows vs h")
+    assert_bitwise_equal(fused[1][~mask], g[~mask], "dh at unselected rows vs g")
+    used = set(index[_edited(pos, index) >= 0].tolist())
+    for e in range(R.shape[0]):
+        if e not in used:
+            for name, t in zip(NAMES[2:], fused[2:]):
+                assert_bitwise_equal(t[e], torch.zeros_like(t[e]),
+                                     f"{name} of entry {e}, which no slot uses")
+    return fused
+
+
+# (name, B, T, d, r, P, N) per dtype. Every bank with N > 1 runs the one-row general (or
+# unaligned) kernels; the shapes pick the other things the entry selection touches.
+def bank_cases(dtype):
+    vec = _vec(dtype)
+    return [
+        ("aligned_r9", 3, 20, 16 * vec, 9, 11, 4),
+        ("odd_d_r5", 2, 13, 5 * vec + 3 if vec > 1 else 37, 5, 7, 3),
+        # B*P = 217 slots: 4 row chunks, 2 per entry, and 2 rank groups per entry.
+        ("chunks_per_entry", 7, 40, 8 * vec, 13, 31, 2),
+        ("r65_qchunks", 2, 9, 80, 65, 5, 3),  # two kQChunk rounds per entry
+    ]
+
+
+def chunks_per_entry(B, P, d, r, N):
+    """Row chunks per bank entry of the parameter kernel (backward_layout's rule)."""
+    base = -(-d // 128) * -(-r // 8)
+    nchunks = max(1, min(-(-2048 // base), -(-max(B * P, 1) // 64), 1024))
+    return max(1, nchunks // N)
+
+
+def test_the_bank_matrix_covers_one_and_several_chunks_per_entry():
+    for dtype in DTYPES.values():
+        per = {chunks_per_entry(B, P, d, r, N) for _, B, _, d, r, P, N in bank_cases(dtype)}
+        assert 1 in per and max(per) >= 2, (dtype, per)
+        assert any(r > 8 for *_, r, _, _ in bank_cases(dtype))  # several rank groups
+
+
+BANK_MATRIX = [pytest.param(h, p, i, id=f"h{h}-p{p}-{c[0]}")
+               for h, p in PARAM_DTYPES for i, c in enumerate(bank_cases(torch.float32))]
+
+
+@pytest.mark.parametrize("h_name,p_name,case", BANK_MATRIX)
+def test_bank_matches_reference(h_name, p_name, case):
+    """Every dtype pair, odd d and r, int64 and int32 index, -1 slots, an entry no slot
+    uses (exact zero gradients), in and out of place."""
+    h_dtype, p_dtype = DTYPES[h_name], DTYPES[p_name]
+    name, B, T, d, r, P, N = bank_cases(h_dtype)[case]
+    seed = seed_of("emu-bank", name, h_name, p_name)
+    h, pos, _, _, _, g = inputs(seed, B, T, d, r, P, h_dtype, (p_dtype,) * 3)
+    R, W, b = make_bank(seed + 1, N, r, d, (p_dtype,) * 3)
+    index = make_index(seed + 2, B, P, N, (torch.int64, torch.int32)[case % 2],
+                       unused=(N - 2,) if N > 2 else ())
+    check_bank_against_reference(h, pos, R, W, b, g, index, inplace=case % 2 == 1)
+
+
+@pytest.mark.parametrize("h_name", list(DTYPES))
+def test_bank_strided_int32_index(h_name):
+    """The index read through a non-contiguous view (int32), positions int32 too."""
+    h_dtype = DTYPES[h_name]
+    B, T, d, r, P, N = 3, 16, 8 * _vec(h_dtype) + 1, 3, 5, 3
+    seed = seed_of("emu-bank-strided", h_name)
+    h, pos, _, _, _, g = inputs(seed, B, T, d, r, P, h_dtype, pos_dtype=torch.int32)
+    R, W, b = make_bank(seed + 1, N, r, d, (h_dtype,) * 3)
+    index = make_index(seed + 2, P, 2 * B, N, torch.int32).T[::2]  # (B, P), strides (2, 2B)
+    assert index.shape == (B, P) and not index.is_contiguous()
+    check_bank_against_reference(h, pos, R, W, b, g, index, inplace=True)
+
+
+@pytest.mark.parametrize("h_name", list(DTYPES))
+def test_bank_rows_are_single_entry_edits_bitwise(h_name):
+    """A bank's slot gets exactly the bits of an ordinary N = 1 call with its entry's
+    parameters (out and dh; every kernel path sums in the same order), so each block
+    reads its own entry and no other."""
+    h_dtype = DTYPES[h_name]
+    B, T, d, r, P, N = 3, 24, 16 * _vec(h_dtype), 6, 8, 3
+    seed = seed_of("emu-bank-single", h_name)
+    h, pos, _, _, _, g = inputs(seed, B, T, d, r, P, h_dtype, empty_frac=0.0)
+    R, W, b = make_bank(seed + 1, N, r, d, (torch.float32,) * 3)
+    index = make_index(seed + 2, B, P, N, empty_frac=0.0)
+    out, dh, *_ = emu_op(h, pos, R, W, b, g, index=index)
+    for e in range(N):
+        pos_e = torch.where(index == e, pos, -1)
+        out_e, dh_e, *_ = emu_op(h, pos_e, R[e], W[e], b[e], g)
+        mask = selected_mask(pos_e, T)
+        assert mask.any()
+        assert_bitwise_equal(out[mask], out_e[mask], f"out of entry {e}'s rows")
+        assert_bitwise_equal(dh[mask], dh_e[mask], f"dh of entry {e}'s rows")
+
+
+@pytest.mark.parametrize("h_name", list(DTYPES))
+@pytest.mark.parametrize("d_kind", ["cached", "general"])
+def test_bank_of_one_equals_no_index_bitwise(h_name, d_kind):
+    """N = 1 with an index of zeros gives bitwise the results of no index (dR, dW, db
+    shaped (1, r, d) and (1, r)); an index of -1 at some slots, those of positions -1
+    there."""
+    h_dtype = DTYPES[h_name]
+    B, T, r, P = (3, 20, 7, 9) if d_kind == "cached" else (2, 12, 66, 5)
+    d = 16 * _vec(h_dtype) if d_kind == "cached" else 72
+    seed = seed_of("emu-bank-one", h_name, d_kind)
+    h, pos, R, W, b, g = inputs(seed, B, T, d, r, P, h_dtype)
+    plain = emu_op(h, pos, R, W, b, g, inplace=True)
+    R1, W1, b1 = R[None], W[None], b[None]
+    for index in (torch.zeros(B, P, dtype=torch.int64), make_index(seed + 1, B, P, 1)):
+        banked = emu_op(h, pos, R1, W1, b1, g, inplace=True, index=index)
+        expect = plain if not (index < 0).any() else \
+            emu_op(h, _edited(pos, index), R, W, b, g, inplace=True)
+        for name, a, e in zip(NAMES, banked, expect):
+            assert_bitwise_equal(a if name in ("out", "dh") else a[0], e, f"{name}, N = 1")
+
+
+@pytest.mark.parametrize("h_name", ["f32", "bf16"])
+def test_bank_deterministic_across_launches_and_block_orders(h_name):
+    """The per-entry parameter reduction (217 slots: 4 row chunks, 2 per entry) and the
+    per-block entry selection give the same bits whatever order the blocks run in."""
+    h_dtype = DTYPES[h_name]
+    B, T, d, r, P, N = 7, 40, 8 * _vec(h_dtype), 9, 31, 2
+    seed = seed_of("emu-bank-det", h_name)
+    h, pos, _, _, _, g = inputs(seed, B, T, d, r, P, h_dtype, empty_frac=0.1)
+    R, W, b = make_bank(seed + 1, N, r, d)
+    index = make_index(seed + 2, B, P, N)
+    first = emu_op(h, pos, R, W, b, g, index=index)
+    try:
+        for order, sd in (("reverse", 0), ("shuffled", 1), ("shuffled", 7)):
+            E.set_block_order(order, sd)
+            again = emu_op(h, pos, R, W, b, g, index=index)
+            for name, a, c in zip(NAMES, first, again):
+                assert_bitwise_equal(c, a, f"{name} with blocks in {order} order ({sd})")
+    finally:
+        E.set_block_order("forward")
+
+
+def test_bank_with_every_slot_empty_or_no_slot():
+    """Index -1 everywhere, and P = 0: out is h, dh is g, every gradient exact zeros."""
+    h, pos, _, _, _, g = inputs(seed_of("emu-bank-empty"), 2, 8, 32, 4, 3, torch.float32)
+    R, W, b = make_bank(seed_of("emu-bank-empty", 1), 3, 4, 32)
+    none = torch.empty((2, 0), dtype=torch.int64)
+    for pos_, index in ((pos, torch.full((2, 3), -1)), (none, none)):
+        fused = emu_op(h, pos_, R, W, b, g, inplace=True, index=index)
+        assert_bitwise_equal(fused[0], h, "out with no edited slot")
+        assert_bitwise_equal(fused[1], g, "dh with no edited slot")
+        for name, t in zip(NAMES[2:], fused[2:]):
+            assert t.shape[0] == 3
+            assert_bitwise_equal(t, torch.zeros_like(t), f"{name} with no edited slot")
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_bank_check_kernel_bit4(index_dtype):
+    """Bit 4: an index entry outside {-1} U [0, N), alone or with the positions' bits; a
+    repeated position counts whatever the index (even -1) at its slots."""
+    B, T, P, d, r, N = 3, 40, 9, 8, 2, 4
+    h = torch.empty(1).expand(B, T, d)
+    R, W, b = make_bank(seed_of("emu-bank-check"), N, r, d)
+    g = gen(seed_of("emu-bank-check", index_dtype))
+    pos = make_positions(g, B, T, P, empty_frac=0.0)
+    good = make_index(seed_of("emu-bank-check", 2), B, P, N, index_dtype)
+    assert _status(h, pos, R, W, b, good) == 0
+    for bad, bits in ((N, 4), (-2, 4), (N + 12345, 4), ("pos", 5), ("repeat", 6),
+                      ("all", 7), ("repeat_at_-1", 2)):
+        p_, ix = pos.clone(), good.clone()
+        if bad == "pos":
+            ix[0, 1], p_[2, 3] = N, T
+        elif bad == "repeat":
+            ix[1, 0], p_[2, 7] = -3, p_[2, 1]
+        elif bad == "all":
+            ix[2, 8], p_[0, 0], p_[1, 2] = N + 1, -7, p_[1, 5]
+        elif bad == "repeat_at_-1":
+            p_[0, 4] = p_[0, 6]
+            ix[0, 4] = ix[0, 6] = -1
+        else:
+            ix[1, 2] = bad
+        before = ix.clone()
+        assert _status(h, p_, R, W, b, ix) == bits, f"index/positions with {bad}"
+        assert_bitwise_equal(ix, before, "index after the check")
+
+
+def test_bank_bad_index_is_never_dereferenced_and_skip_writes_nothing():
+    """An index the host could not check (graph capture): with the check's status as skip
+    flag the forward writes nothing; without it, the out-of-range slots stay empty (never
+    read out of R, W, b: AddressSanitizer would see it) in the forward and backward."""
+    B, T, d, r, P, N = 3, 20, 64, 8, 7, 3
+    seed = seed_of("emu-bank-bad")
+    h, pos, _, _, _, g = inputs(seed, B, T, d, r, P, torch.float32, empty_frac=0.0)
+    R, W, b = make_bank(seed + 1, N, r, d)
+    index = make_index(seed + 2, B, P, N, empty_frac=0.0)
+    bad = index.clone()
+    bad[0, 1], bad[2, 4], bad[1, 6] = N, 1 << 40, -9
+    status = torch.tensor([_status(h, pos, R, W, b, bad)], dtype=torch.int32)
+    assert int(status) == 4
+    io, saved = emu_forward(h, pos, R, W, b, save=True, skip=status, index=bad, check=False)
+    assert_bitwise_equal(io, h, "h after a skipped forward (bad index)")
+    assert saved.isnan().all(), "saved was written by a skipped forward"
+    # Without the skip flag: the bad slots behave as -1 slots.
+    cleaned = torch.where((bad >= 0) & (bad < N), bad, -1)
+    for inplace in (False, True):
+        got_fwd = emu_forward(h, pos, R, W, b, save=True, index=bad, check=False)
+        exp_fwd = emu_forward(h, pos, R, W, b, save=True, index=cleaned)
+        for name, a, e in zip(("out", "saved"), got_fwd, exp_fwd):
+            assert_bitwise_equal(a, e, f"{name} with out-of-range index entries")
+        x = exp_fwd[1] if inplace else h
+        got = emu_backward(g, pos, x, inplace, R, W, b, index=bad)
+        exp = emu_backward(g, pos, x, inplace, R, W, b, index=cleaned)
+        for name, a, e in zip(NAMES[1:], got, exp):
+            assert_bitwise_equal(a, e, f"{name} with out-of-range index entries")
+
+
+def test_positions_validation_with_an_index(monkeypatch):
+    """reft_ext/ops/_cuda.py's validation (_validate_positions_cuda) run with this module as
+    its native library, on CPU tensors: a bad index raises ValueError naming the index;
+    the cache of the last valid positions also keys on the index tensor, its version and
+    N; under capture the status (bit 4) is returned for the forward's skip flag."""
+    from reft_ext.ops import _cuda
+
+    monkeypatch.setattr(_cuda, "_last_valid_positions", (None, -1, -1, None, -1, -1))
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    B, T, d, r, P, N = 2, 10, 8, 2, 4, 3
+    h, pos, _, _, _, _ = inputs(seed_of("emu-bank-validate"), B, T, d, r, P, torch.float32)
+    R, W, b = make_bank(seed_of("emu-bank-validate", 1), N, r, d)
+    index = make_index(seed_of("emu-bank-validate", 2), B, P, N)
+
+    def validate(index, R=R, W=W, b=b):
+        before = E.stats()["launches"]
+        skip = _cuda._validate_positions_cuda("loreft", E, h, pos, R, W, b, 0, index)
+        return skip, E.stats()["launches"] - before
+
+    assert validate(index) == (None, 1)
+    assert validate(index) == (None, 0), "unchanged positions and index: no new check"
+    assert validate(None) == (None, 1), "no index after an index: checked again"
+    assert validate(index) == (None, 1)
+    other = index.clamp(max=N - 2)
+    assert validate(other) == (None, 1), "another index tensor: checked again"
+    assert validate(other, R[:-1], W[:-1], b[:-1]) == (None, 1), "N changed: checked again"
+    with pytest.raises(ValueError, match="index"):
+        validate(other, R[:-2], W[:-2], b[:-2])  # N - 2 entries: other's N - 2 is out
+    for bad in (N, -2):
+        index[1, 2] = bad  # in place: a version bump
+        with pytest.raises(ValueError, match="index"):
+            validate(index)
+    capturing[0] = True
+    skip, launches = validate(index)
+    assert launches == 1 and int(skip.item()) == 4

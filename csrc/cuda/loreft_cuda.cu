@@ -38,11 +38,13 @@ void check_launch(const char* what) {
 namespace {
 
 // One block per batch row i. Status bits: 1 = an entry outside {-1} U [0, T), 2 = a token
-// index repeated within a row. Repeats are found with a shared-memory bitmap of the T
-// token indices (one atomicOr per entry), or by pairwise comparison when T is too large
-// for it.
+// index repeated within a row, 4 = a bank index entry outside {-1} U [0, N). Repeats are
+// found with a shared-memory bitmap of the T token indices (one atomicOr per entry), or by
+// pairwise comparison when T is too large for it. A repeat counts whatever the slots'
+// index (reft_core.h): the index never makes a repeated position valid.
 __global__ void __launch_bounds__(256)
-check_positions_kernel(Positions pos, int64_t P, int64_t T, bool bitmap, int32_t* status) {
+check_positions_kernel(Positions pos, Positions index, int64_t P, int64_t T, int64_t N,
+                       bool bitmap, int32_t* status) {
   REFT_CUDA_DYNAMIC_SHARED(uint32_t, seen);  // ceil(T / 32) words when bitmap
   const int64_t i = blockIdx.x;
   const int64_t words = (T + 31) / 32;
@@ -57,6 +59,10 @@ check_positions_kernel(Positions pos, int64_t P, int64_t T, bool bitmap, int32_t
   };
   int flags = 0;
   for (int64_t j = threadIdx.x; j < P; j += blockDim.x) {
+    if (index.data != nullptr) {
+      const int64_t e = table_at(index, i, j);
+      if (e < -1 || e >= N) flags |= 4;
+    }
     const int64_t t = at(j);
     if (t == -1) continue;
     if (t < -1 || t >= T) {
@@ -88,7 +94,8 @@ void check_positions_cuda(const Problem& p, int32_t* status) {
   const bool bitmap = bitmap_bytes <= cuda::kBitmapMaxBytes;
   REFT_CUDA_LAUNCH(unsigned(p.B), 256, bitmap ? size_t(bitmap_bytes) : 0,
                    static_cast<cudaStream_t>(p.stream),
-                   cuda::check_positions_kernel)(p.pos, p.P, p.T, bitmap, status);
+                   cuda::check_positions_kernel)(p.pos, p.index, p.P, p.T, p.N, bitmap,
+                                                 status);
   cuda::check_launch("positions check kernel");
 }
 

@@ -59,10 +59,12 @@ void check_launch(const char* what);
 // Everything a kernel needs besides the row tensors; trivially copyable (kernel argument).
 struct KernelArgs {
   int64_t B, T, P, d, r, n;  // n = B * P slots
+  int64_t N;                 // bank entries (1 without an index)
   Positions pos;             // (B, P)
-  const void* R;             // (r, d)
-  const void* W;             // (r, d)
-  const void* b;             // (r,)
+  Positions index;           // (B, P) bank index; data == nullptr: none
+  const void* R;             // (r, d); with a bank, entry 0 of (N, r, d)
+  const void* W;             // (r, d); with a bank, entry 0 of (N, r, d)
+  const void* b;             // (r,); with a bank, entry 0 of (N, r)
   bool R_f32, W_f32, b_f32;  // else h's dtype
   int iters;                 // column iterations per thread: ceil(d / (NT * VEC))
 };
@@ -87,17 +89,42 @@ __device__ __forceinline__ void launder(Vec<T, VEC>& v) {
   memcpy(&v, &u, 16);
 }
 
-// Token index of slot s = i * P + j, or -1 for an empty slot. Out-of-range entries also
-// give -1: positions are validated before any launch, but under CUDA graph capture that
-// host check cannot run, and a kernel must then still never touch memory outside h.
+__device__ __forceinline__ int64_t table_at(const Positions& p, int64_t i, int64_t j) {
+  const int64_t off = i * p.stride_b + j * p.stride_p;
+  return p.is_int64 ? static_cast<const int64_t*>(p.data)[off]
+                    : int64_t(static_cast<const int32_t*>(p.data)[off]);
+}
+
+// Token index of slot s = i * P + j, or -1 for an empty slot; `entry` receives the slot's
+// bank entry (0 without an index). A slot is empty when its position or its index is -1.
+// Out-of-range positions and index values also give -1: both are validated before any
+// launch, but under CUDA graph capture that host check cannot run, and a kernel must then
+// still never touch memory outside h or the parameters.
 __device__ __forceinline__ int64_t slot_token(const KernelArgs& a, int64_t s, int64_t& i,
-                                              int64_t& j) {
+                                              int64_t& j, int64_t& entry) {
   i = s / a.P;
   j = s - i * a.P;
-  const int64_t off = i * a.pos.stride_b + j * a.pos.stride_p;
-  const int64_t t = a.pos.is_int64 ? static_cast<const int64_t*>(a.pos.data)[off]
-                                   : int64_t(static_cast<const int32_t*>(a.pos.data)[off]);
+  const int64_t t = table_at(a.pos, i, j);
+  entry = 0;
+  if (a.index.data != nullptr) {
+    entry = table_at(a.index, i, j);
+    if (entry < 0 || entry >= a.N) return -1;
+  }
   return (t >= 0 && t < a.T) ? t : -1;
+}
+
+// Points a's parameters at bank entry e (a kernel's own copy of its arguments). Only the
+// one-row general kernels (ROWS == 1, ITERS == 0) take a bank with N > 1: a block then
+// holds one slot, so one entry, and the other variants keep their registers.
+template <typename T>
+__device__ __forceinline__ void select_entry(KernelArgs& a, int64_t e) {
+  const int64_t rd = e * a.r * a.d;
+  a.R = a.R_f32 ? static_cast<const void*>(static_cast<const float*>(a.R) + rd)
+                : static_cast<const void*>(static_cast<const T*>(a.R) + rd);
+  a.W = a.W_f32 ? static_cast<const void*>(static_cast<const float*>(a.W) + rd)
+                : static_cast<const void*>(static_cast<const T*>(a.W) + rd);
+  a.b = a.b_f32 ? static_cast<const void*>(static_cast<const float*>(a.b) + e * a.r)
+                : static_cast<const void*>(static_cast<const T*>(a.b) + e * a.r);
 }
 
 // N consecutive elements of S at p, converted to A. p is aligned to min(16, N*sizeof(S)).
@@ -347,6 +374,7 @@ forward_kernel(KernelArgs a, Rows io, Rows saved, const int32_t* skip) {
   constexpr int VEC = vec_of<T>();
   constexpr bool kCached = ITERS > 0;
   static_assert(!kCached || ALIGNED, "the register-cached path needs aligned rows");
+  constexpr bool kBank = ROWS == 1 && !kCached;  // may take a bank with N > 1
   __shared__ A red[kMaxWarps][kQChunk][ROWS];
   REFT_CUDA_DYNAMIC_SHARED(unsigned char, dyn_smem);
   A* z_s = reinterpret_cast<A*>(dyn_smem);  // (r, ROWS)
@@ -354,6 +382,7 @@ forward_kernel(KernelArgs a, Rows io, Rows saved, const int32_t* skip) {
   // registers that the cached rows need.
   __shared__ T* rows[ROWS];
   __shared__ T* saves[ROWS];
+  __shared__ int64_t entry_s;  // the block's bank entry (kBank)
   if (skip != nullptr && *skip != 0) return;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -363,17 +392,22 @@ forward_kernel(KernelArgs a, Rows io, Rows saved, const int32_t* skip) {
     const int row = tid;
     rows[row] = nullptr;
     saves[row] = nullptr;
+    if (kBank) entry_s = 0;
     const int64_t s = int64_t(blockIdx.x) * ROWS + row;
-    int64_t i, j;
+    int64_t i, j, e;
     if (s < a.n) {
-      const int64_t t = slot_token(a, s, i, j);
-      if (t >= 0) rows[row] = static_cast<T*>(io.data) + i * io.stride_b + t * io.stride_t;
+      const int64_t t = slot_token(a, s, i, j, e);
+      if (t >= 0) {
+        rows[row] = static_cast<T*>(io.data) + i * io.stride_b + t * io.stride_t;
+        if (kBank) entry_s = e;
+      }
       // Every slot of saved is written (zeros for empty slots): it is an op output.
       if (saved.data != nullptr)
         saves[row] = static_cast<T*>(saved.data) + i * saved.stride_b + j * saved.stride_t;
     }
   }
   __syncthreads();
+  if (kBank && a.N > 1) select_entry<T>(a, entry_s);
 
   // Pass 1: read x once (and copy it to `saved`).
   Vec<T, VEC> xv[ROWS][kCached ? ITERS : 1];
@@ -442,6 +476,7 @@ backward_rows_kernel(KernelArgs a, Rows g, Rows dx, Rows x, bool x_gathered, acc
   constexpr bool kCached = ITERS > 0;
   constexpr int N2 = 2 * ROWS;
   static_assert(!kCached || ALIGNED, "the register-cached path needs aligned rows");
+  constexpr bool kBank = ROWS == 1 && !kCached;  // may take a bank with N > 1
   __shared__ A red[kMaxWarps][kQChunk][N2];
   REFT_CUDA_DYNAMIC_SHARED(unsigned char, dyn_smem);
   A* z_s = reinterpret_cast<A*>(dyn_smem);  // (r, ROWS)
@@ -458,23 +493,27 @@ backward_rows_kernel(KernelArgs a, Rows g, Rows dx, Rows x, bool x_gathered, acc
   __shared__ const T* xr[ROWS];
   __shared__ const T* gr[ROWS];
   __shared__ T* dr[ROWS];
+  __shared__ int64_t entry_s;  // the block's bank entry (kBank)
   if (tid < ROWS) {
     const int row = tid;
     xr[row] = nullptr;
     gr[row] = nullptr;
     dr[row] = nullptr;
+    if (kBank) entry_s = 0;
     const int64_t s = int64_t(blockIdx.x) * ROWS + row;
-    int64_t i, j;
+    int64_t i, j, e;
     if (s < a.n) {
-      const int64_t t = slot_token(a, s, i, j);
+      const int64_t t = slot_token(a, s, i, j, e);
       if (t >= 0) {
         xr[row] = static_cast<const T*>(x.data) + i * x.stride_b + (x_gathered ? j : t) * x.stride_t;
         gr[row] = static_cast<const T*>(g.data) + i * g.stride_b + t * g.stride_t;
         dr[row] = static_cast<T*>(dx.data) + i * dx.stride_b + t * dx.stride_t;
+        if (kBank) entry_s = e;
       }
     }
   }
   __syncthreads();
+  if (kBank && a.N > 1) select_entry<T>(a, entry_s);
 
   Vec<T, VEC> xv[ROWS][kCached ? ITERS : 1];
   Vec<T, VEC> gv[ROWS][kCached ? ITERS : 1];
@@ -536,11 +575,20 @@ backward_rows_kernel(KernelArgs a, Rows g, Rows dx, Rows x, bool x_gathered, acc
 // to the workspace. The last block to finish a (column tile, rank group) — found with an
 // integer counter, the only atomic — sums the chunks' partials in chunk order and writes
 // dW, dR = (sum z^T g) - dW and db. The order depends on the shape only.
+//
+// Bank (N > 1): grid z is N x nchunks, block z = e * nchunks + chunk; each block sums
+// only the slots of its chunk that use entry e, into its own partials, and the counters
+// and last block are per (entry, tile, rank group), writing entry e's dR, dW, db. The
+// slot partition does not depend on the index, so the sums' order depends on the shape
+// and the index values only; an entry no slot uses gets exact zeros (sums of +0.0).
+// Every block walks its whole chunk (N times the index reads of one entry's work): a
+// bank's slots are not sorted by entry.
 template <typename T, int VEC2>
 __global__ void __launch_bounds__(kMaxThreads)
 backward_params_kernel(KernelArgs a, Rows g, Rows x, bool x_gathered, const acc_t<T>* zg,
                        acc_t<T>* partials, int32_t* counters, int64_t nchunks,
                        acc_t<T>* dR, acc_t<T>* dW, acc_t<T>* db) {
+  // nchunks: row chunks per bank entry.
   using A = acc_t<T>;
   constexpr int Q = kParamQ;
   constexpr int L = 2 * Q * VEC2 + Q;  // per lane: A part, Z part, db part
@@ -551,7 +599,9 @@ backward_params_kernel(KernelArgs a, Rows g, Rows x, bool x_gathered, const acc_
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t d = a.d, r = a.r, n = a.n;
   const int64_t tile_cols = 32 * VEC2;
-  const int64_t ct = blockIdx.x, qg = blockIdx.y, chunk = blockIdx.z;
+  const int64_t ct = blockIdx.x, qg = blockIdx.y;
+  const int64_t zc = blockIdx.z, nz = a.N * nchunks;  // this block's partial slot, all slots
+  const int64_t entry = zc / nchunks, chunk = zc - entry * nchunks;
   const int64_t k = ct * tile_cols + int64_t(lane) * VEC2;
   const int64_t q0 = qg * Q;
   const int qn = int(r - q0 < Q ? r - q0 : Q);
@@ -563,9 +613,9 @@ backward_params_kernel(KernelArgs a, Rows g, Rows x, bool x_gathered, const acc_
 #pragma unroll
   for (int v = 0; v < L; ++v) acc[v] = A(0);
   for (int64_t s = s_begin + warp; s < s_end; s += kWarps) {
-    int64_t i, j;
-    const int64_t t = slot_token(a, s, i, j);
-    if (t < 0) continue;
+    int64_t i, j, slot_entry;
+    const int64_t t = slot_token(a, s, i, j, slot_entry);
+    if (t < 0 || slot_entry != entry) continue;
     A xx[VEC2], gg[VEC2];
 #pragma unroll
     for (int e = 0; e < VEC2; ++e) xx[e] = gg[e] = A(0);
@@ -602,10 +652,10 @@ backward_params_kernel(KernelArgs a, Rows g, Rows x, bool x_gathered, const acc_
     __syncthreads();
   }
 
-  // Partials: A (nchunks, r, d), Z (nchunks, r, d), db (nchunks, r).
-  A* pA = partials + chunk * r * d;
-  A* pZ = partials + nchunks * r * d + chunk * r * d;
-  A* pB = partials + 2 * nchunks * r * d + chunk * r;
+  // Partials: A (N nchunks, r, d), Z (N nchunks, r, d), db (N nchunks, r).
+  A* pA = partials + zc * r * d;
+  A* pZ = partials + nz * r * d + zc * r * d;
+  A* pB = partials + 2 * nz * r * d + zc * r;
   if (warp == 0) {
 #pragma unroll
     for (int qq = 0; qq < Q; ++qq) {  // unrolled: acc must be indexed by constants
@@ -623,7 +673,7 @@ backward_params_kernel(KernelArgs a, Rows g, Rows x, bool x_gathered, const acc_
   __threadfence();
   __syncthreads();
   if (tid == 0) {
-    const int prev = atomicAdd(&counters[qg * gridDim.x + ct], 1);
+    const int prev = atomicAdd(&counters[(entry * gridDim.y + qg) * gridDim.x + ct], 1);
     is_last = prev == int(nchunks) - 1;
   }
   __syncthreads();
@@ -631,13 +681,17 @@ backward_params_kernel(KernelArgs a, Rows g, Rows x, bool x_gathered, const acc_
   __threadfence();
 
   // Last block of this tile: chunk-ordered sums, read from L2 (other blocks wrote them).
+  const int64_t c0 = entry * nchunks;
+  dW += entry * r * d;
+  dR += entry * r * d;
+  db += entry * r;
   for (int64_t e = tid; e < int64_t(qn) * tile_cols; e += blockDim.x) {
     const int64_t q = q0 + e / tile_cols, kk = ct * tile_cols + e % tile_cols;
     if (kk >= d) continue;
     A sa = A(0), sz = A(0);
-    for (int64_t c = 0; c < nchunks; ++c) {
+    for (int64_t c = c0; c < c0 + nchunks; ++c) {
       sa += __ldcg(partials + c * r * d + q * d + kk);
-      sz += __ldcg(partials + nchunks * r * d + c * r * d + q * d + kk);
+      sz += __ldcg(partials + nz * r * d + c * r * d + q * d + kk);
     }
     dW[q * d + kk] = sa;
     dR[q * d + kk] = sz - sa;
@@ -645,7 +699,7 @@ backward_params_kernel(KernelArgs a, Rows g, Rows x, bool x_gathered, const acc_
   if (ct == 0)
     for (int qq = tid; qq < qn; qq += blockDim.x) {
       A sb = A(0);
-      for (int64_t c = 0; c < nchunks; ++c) sb += __ldcg(partials + 2 * nchunks * r * d + c * r + q0 + qq);
+      for (int64_t c = c0; c < c0 + nchunks; ++c) sb += __ldcg(partials + 2 * nz * r * d + c * r + q0 + qq);
       db[q0 + qq] = sb;
     }
 }
@@ -688,7 +742,9 @@ int cached_iters(int64_t d) {
 inline KernelArgs make_args(const Problem& p) {
   KernelArgs a;
   a.B = p.B; a.T = p.T; a.P = p.P; a.d = p.d; a.r = p.r; a.n = p.B * p.P;
+  a.N = p.index.data != nullptr ? p.N : 1;
   a.pos = p.pos;
+  a.index = p.index;
   a.R = p.params.R; a.W = p.params.W; a.b = p.params.b;
   a.R_f32 = p.params.R_dtype == kFloat32;
   a.W_f32 = p.params.W_dtype == kFloat32;
@@ -696,6 +752,14 @@ inline KernelArgs make_args(const Problem& p) {
   a.iters = 0;
   return a;
 }
+
+// A bank of N > 1 entries runs the one-row general kernels only (kBank in the kernels):
+// one slot per block is what lets a block point its parameters at one entry. With N == 1
+// every slot uses entry 0 and any kernel path applies (slot_token honours the index's -1).
+inline bool multi_entry(const KernelArgs& a) { return a.index.data != nullptr && a.N > 1; }
+
+// Largest bank the parameter kernel takes: N x (row chunks per entry) blocks along grid z.
+constexpr int64_t kMaxBankEntries = 65535;
 
 template <typename T, int ROWS, int ITERS, bool ALIGNED>
 void launch_forward(const KernelArgs& a, Rows io, Rows saved, const int32_t* skip, int nt,
@@ -713,7 +777,7 @@ void forward_launch(const Problem& p, Rows io, Rows saved, const int32_t* skip) 
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const int nt = threads_for<T>(p.d);
   const bool aligned = rows_aligned<T>(io, p.d) && rows_aligned<T>(saved, p.d) && params_aligned(p);
-  const int iters = (aligned && p.r <= kQChunk) ? cached_iters<T>(p.d) : 0;
+  const int iters = (aligned && p.r <= kQChunk && !multi_entry(a)) ? cached_iters<T>(p.d) : 0;
   // Rows per block: enough to reuse each parameter load several times, few enough that
   // the cached rows (ROWS * ITERS * 16 bytes per thread) stay in registers.
   switch (iters) {
@@ -728,7 +792,8 @@ void forward_launch(const Problem& p, Rows io, Rows saved, const int32_t* skip) 
 }
 
 // Workspace layout (bytes, each part 256-byte aligned): zg (n, 2r) | counters (int32) |
-// partials (2 nchunks r d + nchunks r). All in the accumulation type.
+// partials (2 N nchunks r d + N nchunks r). All in the accumulation type. nchunks is per
+// bank entry (N = 1 without an index).
 struct BackwardLayout {
   int64_t n_col_tiles, n_q_groups, nchunks, n_counters;
   int64_t zg_off, counters_off, partials_off, total;
@@ -747,11 +812,17 @@ inline BackwardLayout backward_layout(const Problem& p, int64_t acc_bytes, int64
   l.nchunks = std::max<int64_t>(1, std::min<int64_t>({ceil_div(kParamTargetBlocks, base),
                                                       ceil_div(std::max<int64_t>(n, 1), 64),
                                                       int64_t(1024)}));
-  l.n_counters = l.n_col_tiles * l.n_q_groups;
+  // A bank splits the chunks among its entries (a shape-only rule again), so that the
+  // partials stay at most max(N, nchunks) r d: no bigger than the gradients themselves
+  // once N passes nchunks, instead of N times one entry's.
+  const int64_t N = p.index.data != nullptr ? p.N : 1;
+  l.nchunks = std::max<int64_t>(1, l.nchunks / N);
+  const int64_t nz = N * l.nchunks;
+  l.n_counters = N * l.n_col_tiles * l.n_q_groups;
   l.zg_off = 0;
   l.counters_off = align256(n * 2 * p.r * acc_bytes);
   l.partials_off = l.counters_off + align256(l.n_counters * 4);
-  l.total = l.partials_off + align256((2 * l.nchunks * p.r * p.d + l.nchunks * p.r) * acc_bytes);
+  l.total = l.partials_off + align256((2 * nz * p.r * p.d + nz * p.r) * acc_bytes);
   return l;
 }
 
@@ -780,16 +851,23 @@ void backward_launch(const Problem& p, Rows g, Rows dx, Rows x, bool x_gathered,
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const KernelArgs a = make_args(p);
   if (a.n == 0) {
-    // Nothing selected: the gradients are exactly zero (dx is g, already in place).
-    cudaError_t e = cudaMemsetAsync(dR, 0, size_t(p.r * p.d) * sizeof(A), stream);
-    if (e == cudaSuccess) e = cudaMemsetAsync(dW, 0, size_t(p.r * p.d) * sizeof(A), stream);
-    if (e == cudaSuccess) e = cudaMemsetAsync(db, 0, size_t(p.r) * sizeof(A), stream);
+    // Nothing selected: the gradients are exactly zero (dx is g, already in place). p.N,
+    // not a.N: an empty index may have no data pointer, but the buffers still hold N
+    // entries.
+    const int64_t N = std::max<int64_t>(p.N, 1);
+    cudaError_t e = cudaMemsetAsync(dR, 0, size_t(N * p.r * p.d) * sizeof(A), stream);
+    if (e == cudaSuccess) e = cudaMemsetAsync(dW, 0, size_t(N * p.r * p.d) * sizeof(A), stream);
+    if (e == cudaSuccess) e = cudaMemsetAsync(db, 0, size_t(N * p.r) * sizeof(A), stream);
     if (e != cudaSuccess)
       throw std::runtime_error(std::string("reft_ext: cudaMemsetAsync failed: ") + cudaGetErrorString(e));
     return;
   }
   if (g.data == dx.data)
     throw std::invalid_argument("reft_ext: backward needs g and dx in different buffers");
+  if (a.N > kMaxBankEntries)
+    throw std::invalid_argument("reft_ext: a bank of " + std::to_string(a.N) +
+                                " entries exceeds the CUDA backward's limit of " +
+                                std::to_string(kMaxBankEntries));
   const bool aligned = rows_aligned<T>(g, p.d) && rows_aligned<T>(dx, p.d) &&
                        rows_aligned<T>(x, p.d) && params_aligned(p);
   constexpr int VEC2 = vec_of<T>() > 4 ? 4 : vec_of<T>();
@@ -807,7 +885,7 @@ void backward_launch(const Problem& p, Rows g, Rows dx, Rows x, bool x_gathered,
   const int nt = threads_for<T>(p.d);
   // x and g are both cached: beyond 4 column iterations (d > 8192 for 16-bit h) they no
   // longer fit in 128 registers, and the general path (second pass re-reads g) takes over.
-  int iters = (aligned && p.r <= kQChunk) ? cached_iters<T>(p.d) : 0;
+  int iters = (aligned && p.r <= kQChunk && !multi_entry(a)) ? cached_iters<T>(p.d) : 0;
   if (iters > 4) iters = 0;
   const int nc = int(l.n_counters);
   switch (iters) {
@@ -819,7 +897,7 @@ void backward_launch(const Problem& p, Rows g, Rows dx, Rows x, bool x_gathered,
       else launch_backward_rows<T, 1, 0, false>(a, g, dx, x, x_gathered, zg, counters, nc, nt, stream);
   }
 
-  const dim3 grid(unsigned(l.n_col_tiles), unsigned(l.n_q_groups), unsigned(l.nchunks));
+  const dim3 grid(unsigned(l.n_col_tiles), unsigned(l.n_q_groups), unsigned(a.N * l.nchunks));
   if (aligned)
     REFT_CUDA_LAUNCH(grid, kMaxThreads, 0, stream, backward_params_kernel<T, VEC2>)(
         a, g, x, x_gathered, zg, partials, counters, l.nchunks, static_cast<A*>(dR),
