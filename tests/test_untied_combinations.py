@@ -116,9 +116,11 @@ def test_checkpointing_two_forwards_one_backward(name, monkeypatch):
 # ------------------------------------------------------------------ 2 torch.compile
 
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
-# Dynamo (torch 2.13) reads .grad of a non-leaf tensor while building variables for the
-# patch state in root_post_hook of a patched *plain* model (tied too; not with the model
-# unpatched): a UserWarning that filterwarnings=error turns into InternalTorchDynamoError.
+# The model's forward hook root_post_hook (always_call=True) runs outside the compiled
+# forward, and Dynamo compiles it as a frame of its own; wrapping its `output` argument, a
+# real non-leaf tensor for a model that returns a plain tensor (not a ModelOutput), reads
+# .grad (torch 2.13 _dynamo builder.safe_has_grad): a UserWarning that filterwarnings=error
+# turns into InternalTorchDynamoError. Tied models too; not untied-specific (see report).
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_compile_fullgraph_untied_plain_model():
     torch._dynamo.reset()
@@ -415,10 +417,9 @@ def test_bank_inplace_on_a_view():
 
 @pytest.mark.parametrize("where", [
     "tensor", "view_out_of_place",
-    pytest.param("view_inplace", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: reft_ext.loreft_ on a view passes h twice (h, h: autograd.py, the sparse "
-        "gradient trick); the second, non-dirty input keeps the view's old grad_fn, whose "
-        "tensor hook then fires with None (native in-place ops on a view never fire it)")))])
+    # was a bug: the eager in-place Function took the view twice (h, h), and the second,
+    # non-dirty input routed a None gradient into the view's old grad_fn: the hook got None
+    "view_inplace"])
 def test_bank_tensor_hook_on_h_stashes_its_gradient(where):
     """A tensor hook registered on h before the op: it fires with d loss / d h (the
     gradient of h's pre-edit value), or (PyTorch's rule for an in-place edit of a view)

@@ -285,4 +285,8 @@ def loreft_(h: torch.Tensor, positions: torch.Tensor, R: torch.Tensor, W: torch.
                            "are not supported by the in-place form; use reft_ext.loreft")
     if torch.compiler.is_compiling():
         return LoReFTInplaceFunction.apply(h, positions, R, W, b, index)
-    return LoReFTInplaceEagerFunction.apply(h, h, positions, R, W, b, index)
+    # A view gets a dense gradient (CopySlices) through the first h alone: the second is
+    # passed detached, so that autograd does not route its (None) gradient into the view's
+    # old grad_fn, where a tensor hook registered on h would be called with None.
+    h_again = h.detach() if h._base is not None else h
+    return LoReFTInplaceEagerFunction.apply(h, h_again, positions, R, W, b, index)
