@@ -184,8 +184,9 @@ def test_beam_search_first_step_and_greedy_match_reference():
     greedy = model.generate(**g)
     assert torch.equal(greedy, base.generate(**g))
     assert torch.equal(model.generate(**g, reft_positions=pos), greedy)
+    unpatched = reft_ext.unpatch(copy.deepcopy(model))
     with reft_ext.disabled(model):
-        assert torch.equal(model.generate(**g), reft_ext.unpatch(copy.deepcopy(model)).generate(**g))
+        assert torch.equal(model.generate(**g), unpatched.generate(**g))
 
 
 # ------------------------------------------------------------------ 4 copies
@@ -344,7 +345,7 @@ def _ddp_batch():
     return torch.randint(3, 97, (4, 8), generator=torch.Generator().manual_seed(5))
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
+def test_ddp_two_processes_match_single_process(tmp_path, monkeypatch):
     import socket
 
     import torch.multiprocessing as mp
@@ -354,7 +355,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if os.path.exists("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")       # never a routable interface
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     g0, g1 = (torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1))
     model = _ddp_model()
