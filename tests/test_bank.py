@@ -303,3 +303,31 @@ def test_compile_fullgraph_with_index():
     compiled(*comp_in).backward()
     for name, a, e in zip(("dh", "dR", "dW", "db"), comp_in, eager_in):
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+BAD_BWD = {
+    "positions_batch": (lambda a: a.__setitem__("pos", torch.zeros(4, 3, dtype=torch.long)),
+                        ValueError, r"positions must have shape \(B, P\) = \(3, P\)"),
+    "position_ge_T": (lambda a: a["pos"].__setitem__((0, 0), 50), ValueError,
+                      r"positions\[0, 0\] = 50 is out of range"),
+    "index_out_of_range": (lambda a: a["index"].__setitem__((1, 1), 7), ValueError,
+                           r"index\[1, 1\] = 7 is out of range"),
+    "x_shape": (lambda a: a.__setitem__("x", a["x"][:, :5]), ValueError,
+                r"x must have shape \(3, 10, 8\)"),
+    "grad_2d": (lambda a: a.__setitem__("grad", a["grad"][0]), ValueError,
+                r"grad must have 3 dimensions"),
+}
+
+
+@pytest.mark.parametrize("op_name", ["loreft_bwd", "loreft_bwd_rows"])
+@pytest.mark.parametrize("case", list(BAD_BWD))
+def test_backward_ops_validate_their_inputs(op_name, case):
+    """The backward ops are public (torch.ops.reft_ext): bad metadata or values raise a
+    named error instead of reading outside the tensors."""
+    edit, exc, pattern = BAD_BWD[case]
+    h, pos, R, W, b, index, grad = make_bank(seed_of("badbwd"), 3, 10, 8, 2, 3, 3, 0.0, 0.0)
+    a = dict(grad=grad, pos=pos, x=h, index=index)
+    edit(a)
+    with pytest.raises(exc, match=pattern):
+        getattr(torch.ops.reft_ext, op_name)(a["grad"], a["pos"], a["x"], False, R, W, b, None,
+                                             a["index"])

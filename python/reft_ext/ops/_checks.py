@@ -112,3 +112,31 @@ def check_inputs(op: str, h, positions, R, W, b, index=None) -> None:
             _fail(op, f"{name} is on {t.device} but h is on {h.device}; move it to {h.device}")
     if op == "loreft_":
         check_inplace_layout(h)
+
+
+def check_backward_inputs(op: str, grad, positions, x, x_gathered: bool, R, W, b,
+                          index=None) -> None:
+    """Validates the metadata of a backward op call (reft_ext::loreft_bwd, loreft_bwd_rows):
+    grad (B, T, d), the gradient of the forward's output; x the forward's input, (B, T, d)
+    h itself or (B, P, d) its selected rows when x_gathered; positions, R, W, b, index as
+    check_inputs requires them for h of grad's (B, T, d) and x's dtype."""
+    for name, t in (("grad", grad), ("x", x)):
+        if not isinstance(t, torch.Tensor):
+            _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        if t.dim() != 3:
+            _fail(op, f"{name} must have 3 dimensions, got shape {tuple(t.shape)}")
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2:
+        _fail(op, f"positions must be a (B, P) tensor, got "
+                  f"{getattr(positions, 'shape', type(positions).__name__)}")
+    B, T, d = grad.shape
+    want = (B, positions.shape[1], d) if x_gathered else (B, T, d)
+    if tuple(x.shape) != want:
+        what = "the saved (B, P, d) rows" if x_gathered else "h's (B, T, d)"
+        _fail(op, f"x must have shape {want} ({what}, from grad {tuple(grad.shape)} and "
+                  f"positions {tuple(positions.shape)}), got {tuple(x.shape)}")
+    if grad.dtype not in H_DTYPES:
+        _fail(op, f"grad must be a float tensor, got {grad.dtype}", TypeError)
+    if grad.device != x.device:
+        _fail(op, f"grad is on {grad.device} but x is on {x.device}")
+    # The forward's checks, on a stand-in h of grad's shape in x's dtype (no memory).
+    check_inputs(op, x.new_empty((1, 1, 1)).expand(B, T, d), positions, R, W, b, index)

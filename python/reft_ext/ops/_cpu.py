@@ -9,7 +9,7 @@ import torch
 
 from .. import _native
 from . import _library  # noqa: F401  (defines the ops registered here)
-from ._checks import acc_dtype, check_inplace_layout
+from ._checks import acc_dtype, check_backward_inputs, check_inplace_layout
 from ._library import coef_buffer
 from ._marshal import (NO_ROWS, bump_version, contig_params, inner_contiguous,
                        param_grad_buffers, param_grads, problem, raise_if, rows)
@@ -65,26 +65,33 @@ def _backward_cpu(g, positions, x, x_gathered, R, W, b, coef, delta_rows, index=
     Rc, Wc, bc = contig_params(R, W, b)
     x = inner_contiguous(x)
     bufs = param_grad_buffers(R, x)
-    _native.lib().backward_cpu(problem(g, positions, Rc, Wc, bc, index=index), rows(g),
-                               rows(x), x_gathered, coef_ptr, *(t.data_ptr() for t in bufs),
-                               delta_rows)
+    prob = problem(g, positions, Rc, Wc, bc, index=index)
+    # The kernels index rows by the positions unchecked: values are checked here too (a
+    # scan of the B*P entries), not only in the forward, since the ops are public.
+    raise_if("loreft_bwd", _native.lib().check_positions_cpu(prob))
+    _native.lib().backward_cpu(prob, rows(g), rows(x), x_gathered, coef_ptr,
+                               *(t.data_ptr() for t in bufs), delta_rows)
     return param_grads(bufs, R, W, b)
 
 
 def bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef=None, index=None):
     """Overwrites grad_h's selected rows (holding g) with dx; returns dR, dW, db."""
+    check_backward_inputs("loreft_bwd", grad_h, positions, x, x_gathered, R, W, b, index)
     return _backward_cpu(grad_h, positions, x, x_gathered, R, W, b, coef, NO_ROWS, index)
 
 
 @torch.library.impl("reft_ext::loreft_bwd", "cpu")
 def _bwd_cpu(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
+    check_backward_inputs("loreft_bwd", grad, positions, x, x_gathered, R, W, b, index)
     grad_h = grad.to(x.dtype).clone(memory_format=torch.contiguous_format)
-    return grad_h, *bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef, index)
+    return grad_h, *_backward_cpu(grad_h, positions, x, x_gathered, R, W, b, coef, NO_ROWS,
+                                  index)
 
 
 def bwd_rows_cpu(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
     """CPU kernel of reft_ext::loreft_bwd_rows: one pass that reads g's selected rows in
     place and writes their corrections."""
+    check_backward_inputs("loreft_bwd_rows", grad, positions, x, x_gathered, R, W, b, index)
     g = inner_contiguous(grad.to(x.dtype))
     B, P = positions.shape
     # Empty, not zeros: the kernel writes every slot (zeros for -1 slots).

@@ -9,7 +9,7 @@ import torch
 from .. import _native
 from .._build import cuda_problem
 from . import _library  # noqa: F401  (defines the ops registered here)
-from ._checks import check_inplace_layout
+from ._checks import check_backward_inputs, check_inplace_layout
 from ._library import coef_buffer
 from ._marshal import (NO_ROWS, bump_version, contig_params, inner_contiguous,
                        param_grad_buffers, param_grads, problem, raise_if, rows)
@@ -91,6 +91,9 @@ def _bwd_cuda_into(g, grad_h, positions, x, x_gathered, R, W, b, index=None):
 
 @torch.library.impl("reft_ext::loreft_bwd", "cuda")
 def _bwd_cuda(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):  # recomputes z
+    # Metadata only: the kernels skip positions outside [0, T) and index entries outside
+    # [0, N) (slot_token), so a bad value cannot make them read outside the tensors.
+    check_backward_inputs("loreft_bwd", grad, positions, x, x_gathered, R, W, b, index)
     # grad_h is a full copy of g: its unselected rows are the gradient of h there.
     g = inner_contiguous(grad.to(x.dtype))
     grad_h = g.clone(memory_format=torch.contiguous_format)
@@ -113,6 +116,7 @@ def compact_rows(grad, positions, x, x_gathered):
 
 @torch.library.impl("reft_ext::loreft_bwd_rows", "cuda")
 def _bwd_rows_cuda(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
+    check_backward_inputs("loreft_bwd_rows", grad, positions, x, x_gathered, R, W, b, index)
     # The CUDA kernels write dx into a second buffer: run them on the gathered rows and
     # subtract (a (B, P, d) problem; empty slots' rows are left as g, so their delta is 0
     # unless g holds inf or NaN there, hence the fill). With a bank, a slot is also empty

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import acc_dtype, check_inputs
+from ._checks import acc_dtype, check_backward_inputs, check_inputs
 
 torch.library.define(
     "reft_ext::loreft_fwd",
@@ -75,6 +75,7 @@ def _fwd_inplace_fake(h, positions, R, W, b, save_rows, index=None):
 
 @torch.library.register_fake("reft_ext::loreft_bwd")
 def _bwd_fake(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
+    check_backward_inputs("loreft_bwd", grad, positions, x, x_gathered, R, W, b, index)
     # The device kernels return contiguous gradients whatever the parameters' strides.
     contig = torch.contiguous_format
     return (torch.empty_like(grad, dtype=x.dtype, memory_format=contig),
@@ -84,6 +85,6 @@ def _bwd_fake(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
 
 @torch.library.register_fake("reft_ext::loreft_bwd_rows")
 def _bwd_rows_fake(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
-    _, dR, dW, db = _bwd_fake(grad, positions, x, x_gathered, R, W, b)
+    _, dR, dW, db = _bwd_fake(grad, positions, x, x_gathered, R, W, b, coef, index)
     B, P = positions.shape
     return grad.new_empty((B, P, grad.shape[2]), dtype=x.dtype), dR, dW, db
