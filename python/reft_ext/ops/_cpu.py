@@ -65,33 +65,38 @@ def _backward_cpu(g, positions, x, x_gathered, R, W, b, coef, delta_rows, index=
     Rc, Wc, bc = contig_params(R, W, b)
     x = inner_contiguous(x)
     bufs = param_grad_buffers(R, x)
-    prob = problem(g, positions, Rc, Wc, bc, index=index)
-    # The kernels index rows by the positions unchecked: values are checked here too (a
-    # scan of the B*P entries), not only in the forward, since the ops are public.
-    raise_if("loreft_bwd", _native.lib().check_positions_cpu(prob))
-    _native.lib().backward_cpu(prob, rows(g), rows(x), x_gathered, coef_ptr,
-                               *(t.data_ptr() for t in bufs), delta_rows)
+    _native.lib().backward_cpu(problem(g, positions, Rc, Wc, bc, index=index), rows(g),
+                               rows(x), x_gathered, coef_ptr, *(t.data_ptr() for t in bufs),
+                               delta_rows)
     return param_grads(bufs, R, W, b)
+
+
+def _checked(op, grad, positions, x, x_gathered, R, W, b, index):
+    """The checks of a backward op called through the dispatcher (the ops are public):
+    metadata, then the positions' and index's values, which the kernels use to index rows
+    unchecked. autograd.py calls the kernels below directly only with the inputs of a
+    forward that passed the same checks, so its backward does not repeat them."""
+    check_backward_inputs(op, grad, positions, x, x_gathered, R, W, b, index)
+    R, W, b = contig_params(R, W, b)
+    raise_if(op, _native.lib().check_positions_cpu(problem(grad, positions, R, W, b,
+                                                           index=index)))
 
 
 def bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef=None, index=None):
     """Overwrites grad_h's selected rows (holding g) with dx; returns dR, dW, db."""
-    check_backward_inputs("loreft_bwd", grad_h, positions, x, x_gathered, R, W, b, index)
     return _backward_cpu(grad_h, positions, x, x_gathered, R, W, b, coef, NO_ROWS, index)
 
 
 @torch.library.impl("reft_ext::loreft_bwd", "cpu")
 def _bwd_cpu(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
-    check_backward_inputs("loreft_bwd", grad, positions, x, x_gathered, R, W, b, index)
+    _checked("loreft_bwd", grad, positions, x, x_gathered, R, W, b, index)
     grad_h = grad.to(x.dtype).clone(memory_format=torch.contiguous_format)
-    return grad_h, *_backward_cpu(grad_h, positions, x, x_gathered, R, W, b, coef, NO_ROWS,
-                                  index)
+    return grad_h, *bwd_cpu_into(grad_h, positions, x, x_gathered, R, W, b, coef, index)
 
 
 def bwd_rows_cpu(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
-    """CPU kernel of reft_ext::loreft_bwd_rows: one pass that reads g's selected rows in
-    place and writes their corrections."""
-    check_backward_inputs("loreft_bwd_rows", grad, positions, x, x_gathered, R, W, b, index)
+    """CPU kernel of reft_ext::loreft_bwd_rows, on inputs already checked: one pass that
+    reads g's selected rows in place and writes their corrections."""
     g = inner_contiguous(grad.to(x.dtype))
     B, P = positions.shape
     # Empty, not zeros: the kernel writes every slot (zeros for -1 slots).
@@ -100,4 +105,7 @@ def bwd_rows_cpu(grad, positions, x, x_gathered, R, W, b, coef=None, index=None)
                                  index)
 
 
-torch.library.impl("reft_ext::loreft_bwd_rows", "cpu")(bwd_rows_cpu)
+@torch.library.impl("reft_ext::loreft_bwd_rows", "cpu")
+def _bwd_rows_cpu_op(grad, positions, x, x_gathered, R, W, b, coef=None, index=None):
+    _checked("loreft_bwd_rows", grad, positions, x, x_gathered, R, W, b, index)
+    return bwd_rows_cpu(grad, positions, x, x_gathered, R, W, b, coef, index)
