@@ -117,14 +117,9 @@ def test_loreft_stays_orthonormal_under_adamw_weight_decay():
     assert (R - R0).abs().max() > 0.1                    # and R did train
 
 
-def test_dropout_acts_on_the_edit_of_edited_rows():
-    torch.manual_seed(0)
-    m = LoReFT(16, 4, dropout=0.5)
-    h = _h()
-    pos = _pos()
-    m.eval()
-    no_drop = m(h, pos, inplace=False)
-    torch.testing.assert_close(no_drop, LoReFT.forward(m, h, pos, inplace=False))
+def _assert_dropout_on_the_edit(m, h, pos, no_drop):
+    """Training-mode dropout (p = 0.5) of m zeroes about half the elements of the edit at
+    the edited rows and doubles the rest; unselected rows stay h. no_drop: m's eval output."""
     m.train()
     out = m(h, pos, inplace=False)
     sel = torch.zeros(h.shape[:2], dtype=torch.bool)
@@ -134,6 +129,17 @@ def test_dropout_acts_on_the_edit_of_edited_rows():
     dropped = delta == 0
     assert 0.2 < dropped.float().mean() < 0.8
     torch.testing.assert_close(delta[~dropped], 2 * full[~dropped])
+
+
+def test_dropout_acts_on_the_edit_of_edited_rows():
+    torch.manual_seed(0)
+    m = LoReFT(16, 4, dropout=0.5)
+    h = _h()
+    pos = _pos()
+    m.eval()
+    no_drop = m(h, pos, inplace=False)
+    torch.testing.assert_close(no_drop, LoReFT.forward(m, h, pos, inplace=False))
+    _assert_dropout_on_the_edit(m, h, pos, no_drop)
 
 
 def test_bad_arguments():
@@ -354,15 +360,7 @@ def test_type_dropout_acts_on_the_edit_of_edited_rows(kind, opts):
     h, pos, _ = _inputs(torch.float32, seed=10)
     m.eval()
     no_drop = m(h, pos, inplace=False)
-    m.train()
-    out = m(h, pos, inplace=False)
-    sel = torch.zeros(h.shape[:2], dtype=torch.bool)
-    sel[(pos >= 0).nonzero(as_tuple=True)[0], pos[pos >= 0]] = True
-    assert torch.equal(out[~sel], h[~sel])
-    delta, full = (out - h)[sel], (no_drop - h)[sel]
-    dropped = delta == 0
-    assert 0.2 < dropped.float().mean() < 0.8
-    torch.testing.assert_close(delta[~dropped], 2 * full[~dropped])
+    _assert_dropout_on_the_edit(m, h, pos, no_drop)
 
 
 @pytest.mark.parametrize("kind", list(INTERVENTIONS))
