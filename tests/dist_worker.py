@@ -85,8 +85,8 @@ def assert_same_trained_interventions(loaded, model):
             n += 1
     assert n == 3 * len(PATCH["layers"])
     init = build_model(seed=0)
-    assert not torch.equal(init.reft_interventions["0"].weight,
-                           ours["reft_interventions.0.weight"])
+    assert not torch.equal(init.reft_interventions["default"]["0"].weight,
+                           ours["reft_interventions.default.0.weight"])
 
 
 def _wrap(model, mode):
@@ -136,7 +136,7 @@ def main(out: Path) -> None:
         saved = load_file(ck / reft_ext.checkpoint.WEIGHTS_NAME)
         names = {"rotate_raw": "rotate_raw", "weight": "W", "bias": "b"}
         for n, v in _full_params(fresh).items():       # the loaded shards make up the file
-            _, i, pname = n.split(".")
+            _, _, i, pname = n.split(".")      # reft_interventions.default.{i}.{p}
             assert torch.equal(v, saved[f"layers.{i}.{names[pname]}"]), n
         opt2 = make_optimizer(fresh)
         reft_ext.load_optimizer(opt2, ck)

@@ -534,7 +534,7 @@ def test_every_patched_layer_gets_the_same_positions_tensor():
     torch.manual_seed(0)
     model = reft_ext.patch(PlainDecoder(), [0, 1, 2], rank=2, positions="f1+l1")
     seen = []
-    for mod in model.reft_interventions.values():
+    for mod in reft_ext.interventions(model).values():
         mod.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
     for _ in range(2):
         seen.clear()

@@ -55,5 +55,5 @@ def test_example_runs_with_torchrun_on_two_cpu_processes(script, tmp_path):
     torch.manual_seed(0)                       # the script's init, before any step
     init = reft_ext.patch(_base(), layers=[1, 2], rank=4, positions="f7+l7")
     for i in ("1", "2"):
-        assert not torch.equal(loaded.reft_interventions[i].weight,
-                               init.reft_interventions[i].weight), i
+        assert not torch.equal(loaded.reft_interventions["default"][i].weight,
+                               init.reft_interventions["default"][i].weight), i

@@ -86,7 +86,8 @@ def test_state_dict_keys_and_container():
     new = list(model.state_dict())
     assert new[:len(keys)] == keys
     assert sorted(set(new) - set(keys)) == sorted(
-        f"reft_interventions.{i}.{p}" for i in (1, 2) for p in ("rotate_raw", "weight", "bias"))
+        f"reft_interventions.default.{i}.{p}" for i in (1, 2)
+        for p in ("rotate_raw", "weight", "bias"))
     assert list(reft_ext.interventions(model)) == [1, 2]
     assert all(isinstance(m, reft_ext.LoReFT) for m in reft_ext.interventions(model).values())
     opt_params = {id(p) for p in model.parameters() if p.requires_grad}
@@ -123,11 +124,12 @@ def test_deepcopy_is_independent():
     torch.testing.assert_close(call(clone, ids, mask, "llama"), call(model, ids, mask, "llama"),
                                rtol=0, atol=0)
     blocks = clone.model.layers
-    assert blocks[0]._reft_link.intervention is clone.reft_interventions["0"]
+    assert (blocks[0]._reft_link.state.modules["default"]["0"]
+            is clone.reft_interventions["default"]["0"])
     assert blocks[0]._reft_link.state is clone._reft_state is not model._reft_state
     assert clone.generate.model is clone
     with torch.no_grad():
-        clone.reft_interventions["0"].weight.add_(1.0)
+        clone.reft_interventions["default"]["0"].weight.add_(1.0)
     before = call(model, ids, mask, "llama")
     assert not torch.equal(call(clone, ids, mask, "llama"), before)
     with reft_ext.disabled(clone):                            # state is per copy
@@ -326,7 +328,8 @@ def test_pickle_round_trip():
     expect = call(model, ids, mask, "llama")
     clone = pickle.loads(pickle.dumps(model))
     assert torch.equal(call(clone, ids, mask, "llama"), expect)
-    assert clone.model.layers[0]._reft_link.intervention is clone.reft_interventions["0"]
+    assert (clone.model.layers[0]._reft_link.state.modules["default"]["0"]
+            is clone.reft_interventions["default"]["0"])
     assert clone.generate.model is clone
 
 

@@ -87,7 +87,7 @@ def test_gradient_checkpointing_hooks_rerun_in_recompute(early_stop):
     ckpt = copy.deepcopy(model)
     ckpt.checkpoint_layers = True
     calls = []
-    ckpt.reft_interventions["1"].register_forward_pre_hook(lambda *a: calls.append(1))
+    ckpt.reft_interventions["default"]["1"].register_forward_pre_hook(lambda *a: calls.append(1))
     with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
         for m in (model, ckpt):
             m(x).pow(2).mean().backward()
@@ -126,7 +126,7 @@ def test_hf_trainer(tmp_path, collator_positions):
                                 save_strategy="no", logging_strategy="no",
                                 remove_unused_columns=False)
     seen = []   # the positions each step's edit used
-    model.reft_interventions["0"].register_forward_pre_hook(lambda m, a: seen.append(a[1]))
+    model.reft_interventions["default"]["0"].register_forward_pre_hook(lambda m, a: seen.append(a[1]))
     tf.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate).train()
     after = model.state_dict()
     for k in before:

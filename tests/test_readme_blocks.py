@@ -226,6 +226,26 @@ with torch.no_grad():
 assert not torch.equal(edited, plain)
 """,
     ],
+    "adapters": [
+        B("Many adapters, one model"),
+        """
+# check: each row of the mixed batch is that row of a one-adapter batch, the None row the
+# base model's; the reloaded adapters give the same mixed logits; generation used them
+with torch.no_grad():
+    for i, a in enumerate(rows):
+        if a is None:
+            with reft_ext.disabled(model):
+                one = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        else:
+            one = model(input_ids=input_ids, attention_mask=attention_mask,
+                        reft_adapter=a).logits
+        assert torch.equal(logits[i], one[i]), a
+    again = fresh(input_ids=input_ids, attention_mask=attention_mask, reft_adapter=rows)
+assert torch.equal(again.logits, logits)
+assert list(reft_ext.adapters(fresh)) == ["sql", "chat", "style"]
+assert out.shape == (4, T + 8)
+""",
+    ],
 }
 
 GIVEN_INTEGRATION = f"""

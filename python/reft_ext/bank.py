@@ -24,7 +24,24 @@ from torch import nn
 
 from .ops import loreft, loreft_
 
-__all__ = ["Untied"]
+__all__ = ["Untied", "fusable", "bank_call"]
+
+
+def fusable(module: nn.Module) -> bool:
+    """True if ``module`` can be one entry of a bank: it exposes ``kernel_params()`` (every
+    built-in type), runs the fused backend, and its dropout is not active (dropout runs a
+    pure-PyTorch path of its own)."""
+    return (hasattr(module, "kernel_params") and getattr(module, "backend", "fused") == "fused"
+            and not (module.training and getattr(module, "dropout", 0.0) > 0))
+
+
+def bank_call(h: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, members,
+              inplace: bool) -> torch.Tensor:
+    """One fused call of the op over the stacked ``kernel_params()`` of ``members`` (entry k
+    = members[k]): positions, index (B, P); gradients reach each member's parameters
+    through the stacking."""
+    R, W, b = (torch.stack(ts) for ts in zip(*(m.kernel_params() for m in members)))
+    return (loreft_ if inplace else loreft)(h, positions, R, W, b, index=index)
 
 
 class Untied(nn.Module):
@@ -52,9 +69,7 @@ class Untied(nn.Module):
         return len(self.members)
 
     def _fused(self) -> bool:
-        return all(hasattr(m, "kernel_params") and getattr(m, "backend", "fused") == "fused"
-                   and not (m.training and getattr(m, "dropout", 0.0) > 0)
-                   for m in self.members)
+        return all(fusable(m) for m in self.members)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor,
                 inplace: bool = True) -> torch.Tensor:
@@ -70,11 +85,8 @@ class Untied(nn.Module):
             for k, m in enumerate(self.members):
                 out = m(out, positions[:, k], inplace=inplace or out is not h)
             return out
-        params = [m.kernel_params() for m in self.members]
-        R, W, b = (torch.stack(ts) for ts in zip(*params))
         index = _group_index(B, N, P, positions.device)
-        flat = positions.reshape(B, N * P)
-        return (loreft_ if inplace else loreft)(h, flat, R, W, b, index=index)
+        return bank_call(h, positions.reshape(B, N * P), index, self.members, inplace)
 
     def extra_repr(self) -> str:
         return f"members={len(self.members)}"

@@ -53,9 +53,13 @@ def write_dir(path: Path, files: dict[str, bytes]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes it 0700; a plain mkdir would not
-        for name, data in files.items():
+        subdirs = set()
+        for name, data in files.items():     # a name may hold one level of subdirectory
+            (tmp / name).parent.mkdir(exist_ok=True)
+            subdirs.add((tmp / name).parent)
             _write_file(tmp / name, data)
-        _fsync_dir(tmp)
+        for d in subdirs:
+            _fsync_dir(d)
         _replace_dir(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

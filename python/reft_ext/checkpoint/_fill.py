@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..model.layers import find_layers, hidden_size
-from ..model.patch import interventions, patch, unpatch
+from ..model.patch import DEFAULT, delete_adapter, interventions, is_patched, patch, unpatch
 from ..modules import INTERVENTIONS, build_intervention
 from ._errors import CheckpointError
 from ._units import layer_of, units
@@ -35,6 +35,10 @@ def _fitting_layers(model: nn.Module, op: str, where: str, layers: list[int], d:
         at = (f"{where} was saved from a model with layers at {saved_from[0]!r}: "
               if saved_from is not None else "")
         raise CheckpointError(f"reft_ext.{op}: {at}{e}") from None
+    st = model.__dict__.get("_reft_state")
+    if st is not None and path != st.layer_path:
+        raise CheckpointError(f"reft_ext.{op}: {where} edits the layers at {path!r}, the "
+                              f"model's adapters those at {st.layer_path!r}")
     if saved_from is not None and len(container) != saved_from[1]:
         raise CheckpointError(f"reft_ext.{op}: {where} was saved from a model with "
                               f"{saved_from[1]} layers at {saved_from[0]!r}; this model "
@@ -62,10 +66,13 @@ def patch_and_fill(model: nn.Module, values: dict, *,
     of reft_ext.checkpoint._units with patch_kw tied=False), named as in a reft_ext
     checkpoint (the class's saved_tensors(**options)), converted to dtype (None: each
     tensor's own dtype), after checking that the layers fit (see _fitting_layers). options:
-    the class's construction options (e.g. NoReFT's add_bias). Raises CheckpointError
+    the class's construction options (e.g. NoReFT's add_bias). patch_kw "adapter" names
+    the new adapter (on a patched model: one it does not have). Raises CheckpointError
     naming op and where before any change; leaves torch's RNG state as it was; on a failure
-    while filling, the model is unpatched again."""
+    while filling, the model is unpatched again (or loses the new adapter)."""
     options = options or {}
+    adapter = patch_kw.setdefault("adapter", DEFAULT)
+    was_patched = is_patched(model)
     names = INTERVENTIONS[kind].saved_tensors(**options)
     params = {str(u): {names[n]: t for n, t in v.items()} for u, v in values.items()}
     want = {u: {p: dtype if dtype is not None else t.dtype for p, t in v.items()}
@@ -87,7 +94,7 @@ def patch_and_fill(model: nn.Module, values: dict, *,
               layer_path=path, hidden_size=d, **patch_kw)
     try:
         with torch.no_grad():
-            for i, m in units(interventions(model)).items():
+            for i, m in units(interventions(model, adapter)).items():
                 for pname, t in params[i].items():
                     p = getattr(m, pname)
                     if p.dtype != want[i][pname]:   # a checkpoint of mixed parameter dtypes
@@ -96,5 +103,8 @@ def patch_and_fill(model: nn.Module, values: dict, *,
                         setattr(m, pname, p)
                     p.copy_(t.to(p.dtype).contiguous())
     except BaseException:
-        unpatch(model)
+        if was_patched:
+            delete_adapter(model, adapter)
+        else:
+            unpatch(model)
         raise

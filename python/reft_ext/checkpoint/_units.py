@@ -6,8 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..bank import Untied
-
-UNTIED_GROUPS = 2   # interventions per layer of patch(..., tied=False)
+from ..model.patch import UNTIED_GROUPS
 
 
 def units(mods: dict[int, nn.Module]) -> dict[str, nn.Module]:

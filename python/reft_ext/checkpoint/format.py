@@ -69,7 +69,8 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..model.patch import interventions, is_patched, patch_config
+from ..model.patch import (DEFAULT, _check_adapter_name, adapters, interventions,
+                           is_patched, patch_config)
 from ..model.positions import check_untied_spec, parse_positions
 from ..modules import INTERVENTIONS, kind_of
 from . import _atomic, _dist
@@ -127,19 +128,20 @@ def _kind_of(mods: dict[str, nn.Module]) -> str:
     return kinds.pop()
 
 
-def check_target(path: Path, where: str | None = None) -> None:
+def check_target(path: Path, where: str | None = None, marker: str = CONFIG_NAME) -> None:
     """Raises CheckpointError unless a checkpoint may be written at path: nothing there, an
-    empty directory, or a reft_ext checkpoint (replaced). The message starts with where
+    empty directory, or a reft_ext checkpoint (replaced; marker: the file that makes a
+    directory one, CONFIG_NAME or save_adapters' index). The message starts with where
     (default "reft_ext.save: <path>"); the CLI checks its --output with it before training."""
     where = f"reft_ext.save: {path}" if where is None else where
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{where} exists and is not a directory")
         entries = list(path.iterdir())
-        if entries and not (path / CONFIG_NAME).is_file():
+        if entries and not (path / marker).is_file():
             raise CheckpointError(
                 f"{where} exists, is not empty and is not a reft_ext checkpoint (no "
-                f"{CONFIG_NAME}); refusing to replace it")
+                f"{marker}); refusing to replace it")
 
 
 # ------------------------------------------------------------------ save
@@ -170,9 +172,8 @@ def _gathered_state(optimizer) -> dict:
     return state
 
 
-def _config(target, mods, kind, options, tensors, blob: bytes,
+def _config(target, pc: dict, mods, kind, options, tensors, blob: bytes,
             optimizer) -> dict[str, Any]:
-    pc = patch_config(target)
     first = next(iter(mods.values()))
     dtypes = {_dtype_name(p.dtype) for m in mods.values() for p in m.parameters()}
     cfg: dict[str, Any] = {
@@ -203,8 +204,9 @@ def _config(target, mods, kind, options, tensors, blob: bytes,
     return cfg
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None) -> Path:
-    """Writes the interventions of a patched model to the directory ``path``.
+def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None,
+         adapter: str | None = None) -> Path:
+    """Writes the interventions of one adapter of a patched model to the directory ``path``.
 
     Args:
         model: a model patched by reft_ext.patch (or a DDP / DataParallel / torch.compile /
@@ -214,6 +216,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None) -> Path:
         optimizer: if given, its ``state_dict()`` is saved too (``optimizer.pt``), for
             :func:`load_optimizer`; FSDP2-sharded state tensors are gathered into full
             tensors, so the file does not depend on the number of processes.
+        adapter: the adapter to save. May be left out on a model with one adapter; a model
+            with several needs a name here (or :func:`save_adapters` for all of them).
 
     The directory is written under a temporary name next to ``path`` and renamed into
     place when complete, so a failed or interrupted save never leaves a partial checkpoint.
@@ -230,28 +234,47 @@ def save(model: nn.Module, path: str | os.PathLike, *, optimizer=None) -> Path:
     target, _ = _dist.unwrap(model)
     if not is_patched(target):
         raise CheckpointError("reft_ext.save: model is not patched by reft_ext.patch")
-    mods = units(interventions(target))
+    names = list(adapters(target))
+    if adapter is None and len(names) > 1:
+        raise CheckpointError(f"reft_ext.save: the model has adapters {names}: name the one "
+                              f"to save with adapter=, or save them all with "
+                              f"reft_ext.save_adapters")
+    files = checkpoint_files(target, adapter, optimizer)
+    if files is None:
+        return path
+    check_target(path)
+    _atomic.write_dir(path, files)
+    return path
+
+
+def checkpoint_files(target: nn.Module, adapter: str | None,
+                     optimizer=None) -> dict[str, bytes] | None:
+    """{file name: contents} of the checkpoint of one adapter of the patched ``target``;
+    None on ranks other than 0 of a distributed run (after the collectives)."""
+    if adapter is not None and adapter not in adapters(target):
+        raise CheckpointError(f"reft_ext.save: the model has no adapter named {adapter!r} "
+                              f"(adapters: {list(adapters(target))})")
+    mods = units(interventions(target, adapter))
     kind = _kind_of(mods)
     options = _options_of(mods)
     tensors = _layer_tensors(mods, kind, options)
     opt_state = _gathered_state(optimizer) if optimizer is not None else None
     if _dist.rank() != 0:
-        return path
+        return None
 
     from safetensors.torch import save as st_save
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    version = "1" if patch_config(target)["tied"] else "2"
+    pc = patch_config(target, adapter)
+    version = "1" if pc["tied"] else "2"
     blob = st_save(tensors, metadata={"format": "pt", "reft_ext_format": version})
     files = {WEIGHTS_NAME: blob}
     if opt_state is not None:
         buf = io.BytesIO()
         torch.save(opt_state, buf)
         files[OPTIMIZER_NAME] = buf.getvalue()
-    cfg = _config(target, mods, kind, options, tensors, blob, optimizer)
+    cfg = _config(target, pc, mods, kind, options, tensors, blob, optimizer)
     files[CONFIG_NAME] = (json.dumps(cfg, indent=2) + "\n").encode()
-    check_target(path)
-    _atomic.write_dir(path, files)
-    return path
+    return files
 
 
 # ------------------------------------------------------------------ reading
@@ -420,9 +443,10 @@ def _check_derived(tensors: dict[str, torch.Tensor], cfg: dict, wpath: Path) -> 
 
 # ------------------------------------------------------------------ load
 
-def _check_patched_layout(target: nn.Module, cfg: dict, where: str) -> dict[int, nn.Module]:
-    pc = patch_config(target)
-    mods = units(interventions(target))
+def _check_patched_layout(target: nn.Module, cfg: dict, where: str,
+                          adapter: str | None) -> dict[int, nn.Module]:
+    pc = patch_config(target, adapter)
+    mods = units(interventions(target, adapter))
     kind = cfg["intervention"]
     cls = INTERVENTIONS[kind]
     problems = []
@@ -448,7 +472,8 @@ def _check_patched_layout(target: nn.Module, cfg: dict, where: str) -> dict[int,
                             f"rank={cfg['rank']}")
             break
     if problems:
-        raise CheckpointError(f"reft_ext.load: {where} does not fit the patched model: "
+        into = "the patched model" if adapter is None else f"adapter {adapter!r}"
+        raise CheckpointError(f"reft_ext.load: {where} does not fit {into}: "
                               + "; ".join(problems))
     return mods
 
@@ -479,21 +504,28 @@ def _staged(mods, cfg, tensors, where: str, cast: torch.dtype | None) -> list:
 
 def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
          positions: str | None = None, backend: str | None = None,
-         dropout: float | None = None, layer_path: str | None = None) -> nn.Module:
+         dropout: float | None = None, layer_path: str | None = None,
+         adapter: str | None = None) -> nn.Module:
     """Loads a checkpoint written by :func:`save` into ``model``; returns ``model``.
 
     * Unpatched model: patches it exactly as the checkpoint records (layers, rank,
       intervention, positions spec, dropout, backend, parameter dtypes) and sets the
       parameters: outputs are bitwise identical to the saved model's (same device and
-      kernels). Torch's global RNG state is left as it was.
-    * Patched model with the same layout (layers, layer container length, intervention,
-      d, rank, parameter dtypes): the values are copied into the existing parameters in
+      kernels). The adapter is named ``adapter`` (default "default"). Torch's global RNG
+      state is left as it was.
+    * Patched model, ``adapter`` a name it does not have: adds the checkpoint as a new
+      adapter of that name, as above (the overrides apply to it); the model's other
+      adapters are untouched.
+    * Patched model, ``adapter`` left out or a name it has (left out: the default
+      adapter), with the same layout (layers, layer container length, intervention, d,
+      rank, parameter dtypes): the values are copied into that adapter's parameters in
       place, so an optimizer already built on them stays valid (this is what the Trainer
-      callback does on resume). The model's own positions spec, dropout and backend are
-      kept. Also works on DDP-wrapped and FSDP2 (``fully_shard``) models: call it on every
-      rank; each rank reads the file and keeps its shard.
+      callback does on resume). Its positions spec, dropout and backend are kept. Also
+      works on DDP-wrapped and FSDP2 (``fully_shard``) models: call it on every rank; each
+      rank reads the file and keeps its shard.
 
     Args:
+        adapter: the adapter to fill or add (see above).
         dtype: convert the parameters to this dtype (not bitwise then).
         positions, backend, dropout: override the recorded values (unpatched model only).
         layer_path: override the recorded path of the layer container (unpatched model).
@@ -509,11 +541,15 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
     tensors = _read_weights(path, cfg)
     where = str(path)
     target, wrapped = _dist.unwrap(model)
-    if is_patched(target):
+    if adapter is not None:
+        _check_adapter_name(adapter)
+        where = f"{where} (adapter {adapter!r})"
+    if is_patched(target) and (adapter is None or adapter in adapters(target)):
         if any(v is not None for v in (positions, backend, dropout, layer_path)):
             raise CheckpointError("reft_ext.load: positions / backend / dropout / layer_path "
-                                  "overrides apply to an unpatched model only")
-        mods = _check_patched_layout(target, cfg, where)
+                                  "overrides apply to a new adapter only (an unpatched model, "
+                                  "or adapter= a name the model does not have)")
+        mods = _check_patched_layout(target, cfg, where, adapter)
         staged = _staged(mods, cfg, tensors, where, dtype)
         with torch.no_grad():
             for m, pname, t in staged:
@@ -521,8 +557,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
         return model
     if wrapped:
         raise CheckpointError(
-            f"reft_ext.load: {type(model).__name__} wraps an unpatched model; load (or "
-            f"patch) before wrapping it with DDP / FSDP / torch.compile")
+            f"reft_ext.load: {type(model).__name__} wraps the model; load new interventions "
+            f"(or patch) before wrapping it with DDP / FSDP / torch.compile")
 
     kind, options = cfg["intervention"], cfg["intervention_options"]
     tied = cfg.get("tied", True)
@@ -535,7 +571,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
                    saved_from=(cfg["layer_path"], cfg["n_layers"]),
                    positions=positions if positions is not None else cfg["positions"],
                    dropout=cfg["dropout"] if dropout is None else dropout,
-                   backend=backend if backend is not None else cfg["backend"], tied=tied)
+                   backend=backend if backend is not None else cfg["backend"], tied=tied,
+                   adapter=adapter if adapter is not None else DEFAULT)
     return model
 
 

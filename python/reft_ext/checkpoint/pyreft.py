@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.patch import is_patched
+from ..model.patch import DEFAULT, _check_adapter_name, adapters, is_patched
 from ..model.positions import check_untied_spec
 from . import _dist
 from ._errors import CheckpointError
@@ -322,8 +322,12 @@ def read_pyreft(path: str | os.PathLike) -> dict:
 
 def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
                 dtype: torch.dtype | None = None, layer_path: str | None = None,
-                backend: str = "fused") -> nn.Module:
-    """Patches an unpatched ``model`` with the interventions of a pyreft / pyvene save.
+                backend: str = "fused", adapter: str | None = None) -> nn.Module:
+    """Patches ``model`` with the interventions of a pyreft / pyvene save, as a new adapter.
+
+    An unpatched model gets them as its first adapter (named ``adapter``, default
+    "default"); a patched one as another adapter, ``adapter`` being a name it does not
+    have yet (see reft_ext.patch).
 
     Reads pyvene's ``config.json`` (``representations`` as positional lists: layer,
     component, unit, max_number_of_units, low_rank_dimension, ...; ``intervention_types``;
@@ -371,8 +375,12 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
     """
     path = Path(path)
     target, wrapped = _dist.unwrap(model)
-    if is_patched(target):
-        raise CheckpointError("reft_ext.load_pyreft: model is already patched; unpatch first")
+    adapter = DEFAULT if adapter is None else adapter
+    _check_adapter_name(adapter)
+    if is_patched(target) and adapter in adapters(target):
+        raise CheckpointError(f"reft_ext.load_pyreft: model is already patched with an adapter "
+                              f"named {adapter!r}; pass adapter= a new name to add the import "
+                              f"as another adapter, or unpatch first")
     if wrapped:
         raise CheckpointError(f"reft_ext.load_pyreft: {type(model).__name__} wraps the model; "
                               f"import before wrapping it with DDP / FSDP / torch.compile")
@@ -391,5 +399,6 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
                    options=imported["options"], rank=imported["rank"], d=imported["d"],
                    dtype=dtype,
                    layer_path=layer_path if layer_path is not None else imported["layer_path"],
-                   positions=positions, backend=backend, tied=imported["tied"])
+                   positions=positions, backend=backend, tied=imported["tied"],
+                   adapter=adapter)
     return model

@@ -98,6 +98,22 @@ def load_model(path, dtype_name: str, device: str):
     return model, tok
 
 
+def builtin_model(dtype=None):
+    """(model, tokenizer): reft_ext's built-in model, the one ``reft-ext train`` uses by
+    default (a small Llama-architecture causal LM shipped in the package, no
+    download), in eval mode, and its byte-level tokenizer (``encode(text) -> ids`` of the
+    UTF-8 bytes 0-255, ``decode(ids)``, ``pad_token_id`` 256, ``bos_token_id`` 257,
+    ``eos_token_id`` 258). dtype: default float32. Needs transformers (the "hf" extra)."""
+    import torch
+    from ._common import DEFAULT_MODEL
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM
+    from ._bytetok import ByteTokenizer
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=dtype or torch.float32,
+                                                 local_files_only=True)
+    return model.eval(), ByteTokenizer()
+
+
 def generate(model, tok, prompts: list[str], max_new_tokens: int, device,
              batch_size: int = 64) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches), decoded up to eos; a

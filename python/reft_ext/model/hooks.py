@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from .adapters import Mixed
 from .positions import PositionSpec, positions_from_mask
 
 _CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
@@ -28,38 +29,77 @@ _MASK_KWARGS = (("attention_mask", False), ("src_key_padding_mask", True),
 _FROM_SPEC = object()   # sentinel: compute positions lazily from the spec and the mask
 
 
+class Adapter:
+    """One named adapter's patch config (plain object): its default positions spec, 0 for
+    tied or N untied interventions per layer ((B, N, P) positions), and its layers in patch
+    order. Its interventions are model.reft_interventions[name]."""
+
+    def __init__(self, spec: PositionSpec, groups: int, layer_ids: list[int]):
+        self.spec = spec
+        self.groups = groups
+        self.layer_ids = layer_ids
+
+
 class State:
     """Per-model patch state (plain object: deep-copies with the model)."""
 
-    def __init__(self, spec: PositionSpec, layer_path: str, layer_ids: list[int],
-                 requires_grad: dict[str, bool], forward_params: list[str],
-                 had_generate_attr: bool, groups: int = 0):
-        self.spec = spec
-        # 0: tied, (B, P) positions; N: untied, N interventions per layer, (B, N, P)
-        self.groups = groups
+    def __init__(self, layer_path: str, requires_grad: dict[str, bool],
+                 forward_params: list[str], had_generate_attr: bool,
+                 modules: nn.ModuleDict):
+        self.adapters: dict[str, Adapter] = {}
+        self.default: str | None = None    # the adapter of calls that name none
+        self.modules = modules             # model.reft_interventions: {adapter: {layer: m}}
         self.layer_path = layer_path
-        self.layer_ids = layer_ids
         self.requires_grad = requires_grad
         self.forward_params = forward_params
         self.had_generate_attr = had_generate_attr
         self.disabled = 0
         self.context: list[torch.Tensor] = []
-        self.generate_positions: torch.Tensor | None = None
-        self.active = None                 # None (no edit) | Tensor | _FROM_SPEC
+        self.generate_positions = None     # (adapter selection, positions) fixed by generate
+        self.selected = None               # this forward's adapter name, or a rows tuple
+        self.active = None                 # None (no edit) | Tensor | _FROM_SPEC | Mixed
         self.expand = False                # active came from the prompt of generate()
         self.mask: torch.Tensor | None = None
         self.on_device: dict = {}          # active positions moved to a layer's device
 
+    @property
+    def spec(self) -> PositionSpec:
+        return self.adapters[self.default].spec
+
+    @property
+    def groups(self) -> int:
+        return self.adapters[self.default].groups
+
+    def hooked_layers(self) -> list[int]:
+        """Every layer some adapter edits, each once."""
+        return list(dict.fromkeys(i for a in self.adapters.values() for i in a.layer_ids))
+
+    def groups_of(self, selected) -> int:
+        """The position layout (0 tied, N untied) shared by the adapters of a selection;
+        ValueError when they differ (explicit positions cannot then fit all rows)."""
+        names = [selected] if isinstance(selected, str) else _distinct(selected)
+        layouts = {self.adapters[a].groups for a in names}
+        if len(layouts) > 1:
+            raise ValueError(
+                f"reft_ext: explicit positions for a batch mixing tied and untied adapters "
+                f"({', '.join(names)}) cannot fit every row; pass rows of one layout per call "
+                f"or let each adapter's spec choose the positions")
+        return layouts.pop() if layouts else 0
+
 
 class Link:
-    """What a patched layer needs at run time: the model's state and its intervention."""
+    """What a patched layer needs at run time: the model's state and its layer index."""
 
-    def __init__(self, state: State, intervention: nn.Module, seq_first: bool):
+    def __init__(self, state: State, layer_id: int, seq_first: bool):
         self.state = state
-        self.intervention = intervention
+        self.layer_id = layer_id
         self.seq_first = seq_first
         self.calls = _CallRecord()
-        self.last = None     # positions of this layer's latest forward call (see layer_hook)
+        self.last = None     # what this layer's latest forward call edited (see layer_hook)
+
+
+def _distinct(rows) -> list[str]:
+    return list(dict.fromkeys(r for r in rows if r is not None))
 
 
 class _CallRecord:
@@ -121,11 +161,15 @@ _NOT_RECORDED = object()
 
 
 def _same_positions(a, b) -> bool:
+    """a, b: what a forward edited, (adapter, positions) or a Mixed plan, or None."""
     if a is b:
         return True
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+    if isinstance(a, Mixed):
+        return a.same_as(b)
+    if not isinstance(a, tuple) or not isinstance(b, tuple) or a[0] != b[0]:
         return False
-    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+    x, y = a[1], b[1]
+    return x.shape == y.shape and x.device == y.device and bool(torch.equal(x, y))
 
 
 def _in_backward() -> bool:
@@ -175,13 +219,62 @@ def check_explicit(pos, where: str, groups: int = 0) -> torch.Tensor:
     return pos.long()
 
 
+def check_selection(st: State, selection, where: str):
+    """The adapter selection of a call: ``None`` -> the default adapter's name; a name; or
+    a sequence of one name or None (no edit) per row -> a tuple (a tuple naming one adapter
+    on every row is that name)."""
+    if selection is None:
+        return st.default
+    if isinstance(selection, str):
+        _check_adapter(st, selection, where)
+        return selection
+    if not isinstance(selection, (list, tuple)):
+        raise TypeError(f"reft_ext: {where} must be an adapter name, or a list of one name "
+                        f"(or None) per row, got {type(selection).__name__}")
+    rows = tuple(selection)
+    if not rows:
+        raise ValueError(f"reft_ext: {where} is an empty list: give one adapter name (or "
+                         f"None) per row")
+    for k, r in enumerate(rows):
+        if r is not None and not isinstance(r, str):
+            raise TypeError(f"reft_ext: {where}[{k}] must be an adapter name or None, got "
+                            f"{type(r).__name__}")
+        if r is not None:
+            _check_adapter(st, r, f"{where}[{k}]")
+    if rows[0] is not None and all(r == rows[0] for r in rows):
+        return rows[0]
+    return rows
+
+
+def _check_adapter(st: State, name: str, where: str) -> None:
+    if name not in st.adapters:
+        raise ValueError(f"reft_ext: {where} names adapter {name!r}, which this model does "
+                         f"not have (adapters: {', '.join(map(repr, st.adapters))})")
+
+
+def _call_batch(call: dict):
+    """The batch size of a call, from its batch-first inputs, if it has any."""
+    for key in ("input_ids", "inputs_embeds", "attention_mask"):
+        t = call.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return t.shape[0]
+    return None
+
+
 def root_pre_hook(model: nn.Module, args, kwargs):
     st: State = model.__dict__["_reft_state"]
     explicit = kwargs.pop("reft_positions", None)
+    selected = check_selection(st, kwargs.pop("reft_adapter", None), "reft_adapter")
     if explicit is not None:
-        explicit = check_explicit(explicit, "reft_positions", st.groups)
+        explicit = check_explicit(explicit, "reft_positions", st.groups_of(selected))
     call = dict(zip(st.forward_params, args))
     call.update(kwargs)
+    if isinstance(selected, tuple):
+        B = _call_batch(call)
+        if B is not None and B != len(selected):
+            raise ValueError(f"reft_ext: reft_adapter lists {len(selected)} adapters for a "
+                             f"batch of {B} rows: give one adapter name (or None) per row")
+    st.selected = selected
     st.mask = None
     st.expand = False
     st.on_device = {}
@@ -192,10 +285,14 @@ def root_pre_hook(model: nn.Module, args, kwargs):
     elif explicit is not None:
         st.active = explicit
     elif st.generate_positions is not None:
-        st.active = st.generate_positions
-        st.expand = True
+        st.selected, st.active = st.generate_positions
+        if st.active is _FROM_SPEC:
+            st.mask = _call_mask(call)
+        else:
+            st.expand = True
     elif st.context:
-        st.active = st.context[-1]
+        st.active = check_explicit(st.context[-1], "the reft_ext.positions context",
+                                   st.groups_of(selected))
     else:
         st.active = _FROM_SPEC
         st.mask = _call_mask(call)
@@ -274,12 +371,24 @@ def layer_hook(layer: nn.Module, args, kwargs, output):
             link.calls.record(x_in, pos)
     if pos is None:
         return None
+    st = link.state
+    key = str(link.layer_id)
     hv = _batch_first(h, link.seq_first)
-    if pos.device != hv.device:
-        pos = _on_device(link.state, pos, hv.device)
     inplace = (not (hv.requires_grad and hv.is_leaf) and hv.stride(-1) == 1
                and not _aliases_input(h, args, kwargs))
-    out = link.intervention(hv, pos, inplace=inplace)
+    if isinstance(pos, Mixed):
+        mods = {a: st.modules[a][key] for a in pos.names
+                if a in st.modules and key in st.modules[a]}
+        if not mods:
+            return None
+        out = pos.apply(mods, hv, inplace)
+    else:
+        name, pos = pos
+        if name not in st.modules or key not in st.modules[name]:
+            return None            # the forward's adapter does not edit this layer
+        if pos.device != hv.device:
+            pos = _on_device(st, pos, hv.device)
+        out = st.modules[name][key](hv, pos, inplace=inplace)
     if out is hv:
         return None                    # edited in place: output already holds the edit
     return _replace_hidden(output, out.transpose(0, 1) if link.seq_first else out)
@@ -302,20 +411,29 @@ def _batch_first(h: torch.Tensor, seq_first: bool) -> torch.Tensor:
 
 
 def _forward_positions(st: State, h: torch.Tensor, seq_first: bool):
-    """The (B, P) positions this forward edits at a layer whose output hidden states are h,
-    or None for no edit."""
-    pos = st.active
-    if pos is None or st.disabled:
+    """What this forward edits at a layer whose output hidden states are h: (adapter name,
+    its (B, P) / (B, N, P) positions), a Mixed plan (one adapter per row), or None."""
+    act = st.active
+    if act is None or st.disabled:
         return None
     hv = _batch_first(h, seq_first)
-    if pos is _FROM_SPEC:
-        pos = _spec_positions(st, hv)
-        st.active = pos
-    if st.expand and pos.shape[0] != hv.shape[0] and hv.shape[0] % pos.shape[0] == 0:
-        # generate() expanded the batch (beams, num_return_sequences) with repeat_interleave
-        pos = pos.repeat_interleave(hv.shape[0] // pos.shape[0], dim=0)
-        st.active, st.expand = pos, False
-    return pos
+    sel = st.selected
+    if isinstance(sel, tuple) and not isinstance(act, Mixed):
+        act = (Mixed.from_spec(sel, st.adapters, _spec_mask(st, hv)) if act is _FROM_SPEC
+               else Mixed.from_explicit(sel, act))
+        st.active = act
+    elif act is _FROM_SPEC:
+        a = st.adapters[sel]
+        act = st.active = positions_from_mask(a.spec, _spec_mask(st, hv), tied=not a.groups)
+    if st.expand:
+        B, B0 = hv.shape[0], len(act.rows) if isinstance(act, Mixed) else act.shape[0]
+        if B != B0 and B % B0 == 0:
+            # generate() expanded the batch (beams, num_return_sequences) with
+            # repeat_interleave
+            act = (act.repeat_rows(B // B0) if isinstance(act, Mixed)
+                   else act.repeat_interleave(B // B0, dim=0))
+            st.active, st.expand = act, False
+    return act if isinstance(act, Mixed) else (sel, act)
 
 
 def _on_device(st: State, pos: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -337,16 +455,17 @@ def _aliases_input(h: torch.Tensor, args, kwargs) -> bool:
     return h is x or h is base or h._base is base
 
 
-def _spec_positions(st: State, h: torch.Tensor) -> torch.Tensor:
+def _spec_mask(st: State, h: torch.Tensor) -> torch.Tensor:
+    """The (B, T) mask (True = token) the specs count tokens in, on h's device."""
     B, T = h.shape[:2]
     mask = st.mask
     if mask is None:
-        mask = torch.ones(B, T, dtype=torch.bool, device=h.device)
-    elif tuple(mask.shape) != (B, T):
+        return torch.ones(B, T, dtype=torch.bool, device=h.device)
+    if tuple(mask.shape) != (B, T):
         raise ValueError(f"reft_ext: the attention mask has shape {tuple(mask.shape)} but the "
                          f"layer's hidden states have (B, T) = ({B}, {T}); pass "
                          f"reft_positions= (B, P) explicitly")
-    return positions_from_mask(st.spec, mask.to(h.device), tied=not st.groups)
+    return mask.to(h.device)
 
 
 class Generate:
@@ -359,25 +478,35 @@ class Generate:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, *args, reft_positions=None, **kwargs):
+    def __call__(self, *args, reft_positions=None, reft_adapter=None, **kwargs):
         model = self.model
         st: State = model.__dict__["_reft_state"]
-        pos = None
-        if reft_positions is not None:
-            pos = check_explicit(reft_positions, "reft_positions", st.groups)
-        elif st.context:
-            pos = st.context[-1]
-        else:
-            ids = args[0] if args else None
-            for key in ("input_ids", "inputs", "inputs_embeds"):
-                if ids is None:
-                    ids = kwargs.get(key)
-            if isinstance(ids, torch.Tensor):
-                mask = kwargs.get("attention_mask")
-                if not isinstance(mask, torch.Tensor):
-                    mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
-                pos = positions_from_mask(st.spec, mask, tied=not st.groups)
-        prev, st.generate_positions = st.generate_positions, pos
+        selected = check_selection(st, reft_adapter, "reft_adapter")
+        ids = args[0] if args else None
+        for key in ("input_ids", "inputs", "inputs_embeds"):
+            if ids is None:
+                ids = kwargs.get(key)
+        mixed = isinstance(selected, tuple)
+        if mixed and isinstance(ids, torch.Tensor) and ids.shape[0] != len(selected):
+            raise ValueError(f"reft_ext: reft_adapter lists {len(selected)} adapters for "
+                             f"{ids.shape[0]} prompts: give one adapter name (or None) per "
+                             f"prompt")
+        pos = _FROM_SPEC       # no prompt tensor here: each forward's own mask
+        if reft_positions is not None or st.context:
+            given = reft_positions if reft_positions is not None else st.context[-1]
+            pos = check_explicit(given, "reft_positions", st.groups_of(selected))
+            if mixed:
+                pos = Mixed.from_explicit(selected, pos)
+        elif isinstance(ids, torch.Tensor):
+            mask = kwargs.get("attention_mask")
+            if not isinstance(mask, torch.Tensor):
+                mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+            if mixed:
+                pos = Mixed.from_spec(selected, st.adapters, mask != 0)
+            else:
+                a = st.adapters[selected]
+                pos = positions_from_mask(a.spec, mask, tied=not a.groups)
+        prev, st.generate_positions = st.generate_positions, (selected, pos)
         try:
             return type(model).generate(model, *args, **kwargs)
         finally:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from typing import Iterator, Sequence
 
 import torch
@@ -37,23 +38,26 @@ from torch import nn
 
 from ..bank import Untied
 from ..modules import build_intervention
-from .hooks import (Generate, Link, State, check_explicit, layer_hook, root_post_hook,
-                    root_pre_hook)
+from .hooks import (Adapter, Generate, Link, State, check_explicit, layer_hook,
+                    root_post_hook, root_pre_hook)
 from .layers import find_layers, normalise_layers, seq_first
 from .layers import hidden_size as infer_hidden_size  # patch() has a hidden_size argument
 from .positions import PositionSpec, check_untied_spec, parse_positions
 
 __all__ = ["patch", "unpatch", "is_patched", "interventions", "disabled", "use_positions",
-           "print_trainable_parameters", "trainable_counts", "patch_config"]
+           "print_trainable_parameters", "trainable_counts", "patch_config", "adapters",
+           "set_adapter", "delete_adapter"]
 
 CONTAINER = "reft_interventions"
+DEFAULT = "default"   # the adapter name of patch() calls that give none
+UNTIED_GROUPS = 2     # interventions per layer of patch(..., tied=False): first, last
 
 
 def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
           positions: str | PositionSpec = "all", intervention="loreft",
           dtype: torch.dtype | None = None, layer_path: str | None = None,
           hidden_size: int | None = None, dropout: float = 0.0,
-          backend: str = "fused", tied: bool = True) -> nn.Module:
+          backend: str = "fused", tied: bool = True, adapter: str = DEFAULT) -> nn.Module:
     """Adds trainable interventions to the decoder layers of ``model``, in place.
 
     Args:
@@ -64,14 +68,15 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
         rank: r of each intervention.
         positions: default spec, "all" | "last" | "f{p}" | "l{s}" | "f{p}+l{s}"; see the
             module docstring for how positions are resolved per forward.
-        intervention: "loreft" (default), "direft", or a factory called as
+        intervention: a registered type ("loreft" (default), "noreft", "consreft",
+            "lobireft", "direft", "nodireft"), or a factory called as
             ``factory(d, rank, dtype=..., device=...)`` returning a module with
             ``forward(h, positions, inplace=True)`` (see reft_ext.modules).
         dtype: intervention parameter dtype; default float32 (also on a bf16/fp16 model),
             float64 on a float64 model.
         layer_path: dotted path of the layer container, to override discovery.
         hidden_size: d, to override inference from the config / layer parameters.
-        dropout, backend: passed to LoReFT / DiReFT (backend "reference" runs the
+        dropout, backend: passed to the intervention type (backend "reference" runs the
             pure-PyTorch path instead of the fused op).
         tied: True (default): one intervention per layer, applied at every position of
             the spec. False: untied, as pyreft's share_weights=False: two interventions
@@ -80,32 +85,47 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
             valid tokens (pyreft's rule, see reft_ext.model.positions), both in one fused
             call. Explicit positions are then (B, 2, P) or a tuple (first, last) of
             (B, P_k) tensors.
+        adapter: the name of the interventions created (default "default"). On an
+            unpatched model they become its first adapter, also the default one (the
+            adapter of calls that name none, see :func:`set_adapter`). On a patched model
+            a new name adds another adapter, which may use other layers, rank, positions
+            spec, type, dtype and tied-ness; the others are left as they are. Forwards
+            and generate pick adapters with ``reft_adapter=`` (one name, or one per row).
 
     Returns:
-        ``model``, with base parameters frozen and ``model.reft_interventions`` holding the
-        interventions (random init from torch's global RNG: seed before patch() to
-        reproduce it).
+        ``model``, with base parameters frozen and ``model.reft_interventions[adapter]``
+        holding {str(layer): intervention} (random init from torch's global RNG: seed
+        before patch() to reproduce it).
 
     Raises:
-        ValueError on a bad spec, layer index, an already patched model, or when the layer
-        container cannot be found unambiguously.
+        ValueError on a bad spec, layer index, an adapter name the model already has, or
+        when the layer container cannot be found unambiguously.
     """
-    if is_patched(model):
-        raise ValueError("reft_ext.patch: model is already patched; call reft_ext.unpatch "
-                         "first")
+    st = model.__dict__.get("_reft_state")
+    _check_adapter_name(adapter)
+    if st is not None and adapter in st.adapters:
+        raise ValueError(f"reft_ext.patch: model is already patched with an adapter named "
+                         f"{adapter!r}; pass adapter= a new name to add another, or call "
+                         f"reft_ext.unpatch first")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"reft_ext.patch: rank must be a positive int, got {rank!r}")
     if not isinstance(tied, bool):
         raise TypeError(f"reft_ext.patch: tied must be a bool, got {type(tied).__name__}")
     spec = parse_positions(positions) if tied else check_untied_spec(positions)
+    if st is not None and layer_path is None:
+        layer_path = st.layer_path
     path, container = find_layers(model, layer_path)
+    if st is not None and path != st.layer_path:
+        raise ValueError(f"reft_ext.patch: adapter {adapter!r} would edit the layers at "
+                         f"{path!r}, the model's other adapters those at {st.layer_path!r}")
     ids = normalise_layers(layers, len(container))
     blocks = list(container.children())
     d = hidden_size if hidden_size is not None else infer_hidden_size(model, blocks[ids[0]])
     if rank > d:
         raise ValueError(f"reft_ext.patch: rank={rank} exceeds the hidden size d={d}")
     if dtype is None:
-        fp = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        fp = [p.dtype for n, p in model.named_parameters() if p.is_floating_point()
+              and not n.startswith(CONTAINER + ".")]
         dtype = torch.float64 if fp and all(t == torch.float64 for t in fp) else torch.float32
 
     def make(block):
@@ -117,25 +137,57 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
         return make(block) if tied else Untied([make(block), make(block)])
 
     mods = nn.ModuleDict({str(i): make_layer(blocks[i]) for i in ids})   # may raise: no change
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    try:
-        params = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        params = []
-    st = State(spec, path, ids, requires_grad, params, "generate" in model.__dict__,
-               0 if tied else 2)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    setattr(model, CONTAINER, mods)
-    model.__dict__["_reft_state"] = st
-    model.register_forward_pre_hook(root_pre_hook, with_kwargs=True, prepend=True)
-    model.register_forward_hook(root_post_hook, always_call=True)
+    if st is None:
+        requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        try:
+            params = list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            params = []
+        st = State(path, requires_grad, params, "generate" in model.__dict__,
+                   nn.ModuleDict())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        setattr(model, CONTAINER, st.modules)
+        model.__dict__["_reft_state"] = st
+        model.register_forward_pre_hook(root_pre_hook, with_kwargs=True, prepend=True)
+        model.register_forward_hook(root_post_hook, always_call=True)
+        if callable(getattr(type(model), "generate", None)) and not st.had_generate_attr:
+            model.__dict__["generate"] = Generate(model)
+    hooked = set(st.hooked_layers())
+    st.modules[adapter] = mods
+    st.adapters[adapter] = Adapter(spec, 0 if tied else UNTIED_GROUPS, ids)
+    if st.default is None:
+        st.default = adapter
     for i in ids:
-        blocks[i].__dict__["_reft_link"] = Link(st, mods[str(i)], seq_first(blocks[i]))
-        blocks[i].register_forward_hook(layer_hook, with_kwargs=True, prepend=True)
-    if callable(getattr(type(model), "generate", None)) and not st.had_generate_attr:
-        model.__dict__["generate"] = Generate(model)
+        if i not in hooked:
+            _hook_layer(st, blocks[i], i)
     return model
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+_PROBE = nn.ModuleDict()
+
+
+def valid_adapter_name(name: str) -> bool:
+    """Letters, digits, '_' and '-' (not first): a module key, a file name and a
+    state_dict key part; not an attribute name of nn.ModuleDict ("keys", "training")."""
+    return bool(_NAME.match(name)) and not hasattr(_PROBE, name)
+
+
+def _check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not valid_adapter_name(name):
+        raise ValueError(f"reft_ext: adapter names are letters, digits, '_' and '-' (not "
+                         f"first), and not an nn.ModuleDict attribute; got {name!r}")
+
+
+def _hook_layer(st: State, block: nn.Module, i: int) -> None:
+    block.__dict__["_reft_link"] = Link(st, i, seq_first(block))
+    block.register_forward_hook(layer_hook, with_kwargs=True, prepend=True)
+
+
+def _unhook_layer(block: nn.Module) -> None:
+    _remove_hook(block, layer_hook)
+    block.__dict__.pop("_reft_link", None)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -148,6 +200,16 @@ def _state(model: nn.Module, fn: str) -> State:
     if st is None:
         raise ValueError(f"reft_ext.{fn}: model is not patched by reft_ext.patch")
     return st
+
+
+def _adapter(st: State, adapter: str | None, fn: str) -> str:
+    """The adapter a function acts on: ``adapter``, or the default one for None."""
+    if adapter is None:
+        return st.default
+    if adapter not in st.adapters:
+        raise ValueError(f"reft_ext.{fn}: the model has no adapter named {adapter!r} "
+                         f"(adapters: {', '.join(map(repr, st.adapters))})")
+    return adapter
 
 
 def _remove_hook(module: nn.Module, fn) -> None:
@@ -168,9 +230,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     st = _state(model, "unpatch")
     container = model.get_submodule(st.layer_path)
     blocks = list(container.children())
-    for i in st.layer_ids:
-        _remove_hook(blocks[i], layer_hook)
-        blocks[i].__dict__.pop("_reft_link", None)
+    for i in st.hooked_layers():
+        _unhook_layer(blocks[i])
     _remove_hook(model, root_pre_hook)
     _remove_hook(model, root_post_hook)
     delattr(model, CONTAINER)
@@ -182,11 +243,46 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def interventions(model: nn.Module) -> dict[int, nn.Module]:
-    """{layer index: intervention module} of a patched model, in patch order."""
+def interventions(model: nn.Module, adapter: str | None = None) -> dict[int, nn.Module]:
+    """{layer index: intervention module} of one adapter of a patched model (default: the
+    default adapter), in patch order."""
     st = _state(model, "interventions")
-    mods = getattr(model, CONTAINER)
-    return {i: mods[str(i)] for i in st.layer_ids}
+    name = _adapter(st, adapter, "interventions")
+    mods = st.modules[name]
+    return {i: mods[str(i)] for i in st.adapters[name].layer_ids}
+
+
+def adapters(model: nn.Module) -> dict[str, dict]:
+    """{adapter name: its patch_config} of a patched model, in creation order; the default
+    adapter's config has "default": True."""
+    st = _state(model, "adapters")
+    return {a: {**patch_config(model, a), "default": a == st.default} for a in st.adapters}
+
+
+def set_adapter(model: nn.Module, adapter: str) -> None:
+    """Makes ``adapter`` the default: the adapter of forwards and generate calls that pass
+    no ``reft_adapter=``, and of interventions / save / patch_config without a name."""
+    st = _state(model, "set_adapter")
+    st.default = _adapter(st, adapter, "set_adapter")
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Removes one adapter: its interventions (and parameters) leave the model, and layers
+    no other adapter edits lose their hook. Deleting the default adapter makes the oldest
+    remaining one the default. The last adapter cannot be deleted: use unpatch()."""
+    st = _state(model, "delete_adapter")
+    _adapter(st, adapter, "delete_adapter")
+    if len(st.adapters) == 1:
+        raise ValueError(f"reft_ext.delete_adapter: {adapter!r} is the model's only adapter; "
+                         f"call reft_ext.unpatch to remove it")
+    before = st.hooked_layers()
+    del st.modules[adapter]
+    del st.adapters[adapter]
+    if st.default == adapter:
+        st.default = next(iter(st.adapters))
+    blocks = list(model.get_submodule(st.layer_path).children())
+    for i in set(before) - set(st.hooked_layers()):
+        _unhook_layer(blocks[i])
 
 
 @contextlib.contextmanager
@@ -238,8 +334,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
           f"trainable%: {pct:.4f}")
 
 
-def patch_config(model: nn.Module) -> dict:
-    """Read-only summary of how ``model`` was patched (what reft_ext.save records).
+def patch_config(model: nn.Module, adapter: str | None = None) -> dict:
+    """Read-only summary of how one adapter of ``model`` (default: the default adapter) was
+    patched (what reft_ext.save records).
 
     Returns:
         {"layer_path": dotted path of the layer container, "layers": patched layer indices
@@ -248,6 +345,7 @@ def patch_config(model: nn.Module) -> dict:
         interventions}.
     """
     st = _state(model, "patch_config")
-    return {"layer_path": st.layer_path, "layers": list(st.layer_ids),
-            "n_layers": len(model.get_submodule(st.layer_path)), "positions": str(st.spec),
-            "tied": not st.groups}
+    a = st.adapters[_adapter(st, adapter, "patch_config")]
+    return {"layer_path": st.layer_path, "layers": list(a.layer_ids),
+            "n_layers": len(model.get_submodule(st.layer_path)), "positions": str(a.spec),
+            "tied": not a.groups}
