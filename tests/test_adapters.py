@@ -407,3 +407,56 @@ def test_adapter_saved_for_another_base_model_raises_naming_it(tmp_path, other):
     with pytest.raises(reft_ext.CheckpointError, match="adapter 'sql'"):
         reft_ext.load(model, tmp_path / "sql", adapter="sql")
     assert set(model.state_dict()) == keys and "sql" not in reft_ext.adapters(model)
+
+
+# ---------------------------------------------------------------- Hugging Face Trainer
+
+def test_trainer_trains_several_adapters_and_the_callback_saves_and_resumes_them(tmp_path):
+    """Each example names its adapter (a collator passes reft_adapter= as a list; the
+    Trainer must keep the column: remove_unused_columns=False). The callback writes
+    save_adapters directories; a run resumed from checkpoint-2 ends bitwise where the
+    uninterrupted run ends; every parameter of both adapters moved."""
+    pytest.importorskip("accelerate")
+    tf = pytest.importorskip("transformers")
+    from reft_ext.checkpoint.adapters import INDEX_NAME
+
+    def build_patched(seed):
+        model, _ = build("llama")
+        torch.manual_seed(seed)
+        reft_ext.patch(model, [0, 2], rank=2, positions="f2+l2", adapter="a")
+        reft_ext.patch(model, [1], rank=2, positions="l2", adapter="b")
+        return model
+
+    ids, mask = _ids(B=6, left=False)
+    rows = [{"input_ids": i, "attention_mask": m, "labels": i.masked_fill(m == 0, -100),
+             "reft_adapter": "ab"[k % 2]} for k, (i, m) in enumerate(zip(ids, mask))]
+
+    def collate(feats):
+        out = {k: torch.stack([f[k] for f in feats])
+               for k in ("input_ids", "attention_mask", "labels")}
+        out["reft_adapter"] = [f["reft_adapter"] for f in feats]
+        return out
+
+    def trainer(model, out, cb):
+        args = tf.TrainingArguments(output_dir=str(out), per_device_train_batch_size=2,
+                                    max_steps=4, learning_rate=1e-2, report_to=[],
+                                    use_cpu=True, save_strategy="steps", save_steps=2,
+                                    logging_strategy="no", seed=0, data_seed=0,
+                                    dataloader_num_workers=0, remove_unused_columns=False)
+        return tf.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
+                          callbacks=[cb])
+
+    model = build_patched(0)
+    init = {n: p.detach().clone() for n, p in model.reft_interventions.named_parameters()}
+    trainer(model, tmp_path / "run", reft_ext.ReftCheckpointCallback()).train()
+    for n, p in model.reft_interventions.named_parameters():
+        assert not torch.equal(p, init[n]), n
+    assert (tmp_path / "run" / "checkpoint-2" / "reft" / INDEX_NAME).is_file()
+
+    resumed = build_patched(123)
+    cb = reft_ext.ReftCheckpointCallback(resume_from=tmp_path / "run" / "checkpoint-2")
+    trainer(resumed, tmp_path / "run2", cb).train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    got = dict(resumed.reft_interventions.named_parameters())
+    for n, p in model.reft_interventions.named_parameters():
+        assert torch.equal(got[n], p), n
