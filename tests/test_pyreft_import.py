@@ -449,8 +449,30 @@ def test_patched_model_is_refused(tmp_path):
     sd, _ = loreft_state(D, R_, seed=1)
     write_pyreft_dir(tmp_path / "p", [1], [sd])
     model = reft_ext.patch(llama(), [0], rank=2)
-    with pytest.raises(CheckpointError, match="already patched"):
+    with pytest.raises(CheckpointError, match="already patched with an adapter named 'default'"):
         reft_ext.load_pyreft(model, tmp_path / "p", positions="all")
+    assert list(reft_ext.adapters(model)) == ["default"]
+
+
+def test_import_as_another_adapter(tmp_path):
+    """load_pyreft(adapter=) adds the import to a patched model: a mixed batch gives each
+    row the import's (or the other adapter's) result, bitwise as the import alone."""
+    sd, _ = loreft_state(D, R_, seed=1)
+    write_pyreft_dir(tmp_path / "p", [1], [sd])
+    base = llama()
+    alone = reft_ext.load_pyreft(copy.deepcopy(base), tmp_path / "p", positions="f2+l2")
+    torch.manual_seed(0)
+    model = reft_ext.patch(copy.deepcopy(base), [0], rank=2, positions="l1")
+    reft_ext.load_pyreft(model, tmp_path / "p", positions="f2+l2", adapter="imported")
+    assert list(reft_ext.adapters(model)) == ["default", "imported"]
+    ids, mask = batch()
+    rows = ["imported", "default", "imported"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, reft_adapter=rows).logits
+        want = alone(input_ids=ids, attention_mask=mask).logits
+        other = model(input_ids=ids, attention_mask=mask).logits
+    for i, a in enumerate(rows):
+        assert_bitwise_equal(mixed[i], want[i] if a == "imported" else other[i], str(i))
 
 
 def write_untied_dir(path, reprs_layers, states, cls="LoreftIntervention"):
