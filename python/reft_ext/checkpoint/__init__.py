@@ -18,8 +18,8 @@ from .format import (CONFIG_NAME, FORMAT_VERSION, OPTIMIZER_NAME, WEIGHTS_NAME, 
 from .pyreft import load_pyreft, read_pyreft
 from .adapters import load_adapters, save_adapters
 
-__all__ = ["save", "load", "save_adapters", "load_adapters", "load_optimizer", "load_pyreft", "read_pyreft", "read_config",
-           "CheckpointError", "ReftCheckpointCallback", "FORMAT_VERSION", "CONFIG_NAME",
+__all__ = ["save", "load", "save_adapters", "load_adapters", "load_optimizer", "load_pyreft",
+           "read_pyreft", "read_config", "CheckpointError", "ReftCheckpointCallback", "FORMAT_VERSION", "CONFIG_NAME",
            "WEIGHTS_NAME", "OPTIMIZER_NAME"]
 
 

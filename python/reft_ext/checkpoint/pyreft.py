@@ -345,8 +345,8 @@ def load_pyreft(model: nn.Module, path: str | os.PathLike, *, positions: str,
     intervention per layer (tied), or two on every layer (untied: pyreft's
     share_weights=False, which lists each layer twice; pyvene's keys ``...#0`` and ``...#1``
     become intervention #0, editing the first p positions, and #1, the last s, of
-    ``patch(..., tied=False)``; positions must then be "f{p}+l{s}"); component "block_output" (or "<path>[i].output"), unit "pos",
-    act_fn linear (pyreft's default; it is not recorded in the save). Anything else raises
+    ``patch(..., tied=False)``; positions must then be "f{p}+l{s}"); component
+    "block_output" (or "<path>[i].output"), unit "pos", act_fn linear (pyreft's default; it is not recorded in the save). Anything else raises
     CheckpointError naming it, before the model is changed.
 
     Exactness: pyreft's ``rotate_layer`` is R^T (d, r) (for the orthonormal types); it is

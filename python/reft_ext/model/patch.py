@@ -3,22 +3,30 @@
 How it works (all state lives on the model, nothing in closures, so copy.deepcopy of a
 patched model is an independent patched model):
 
-* ``model.reft_interventions``: one nn.ModuleDict {str(layer index): intervention}. Base
-  state_dict keys are unchanged; the new keys all start with ``reft_interventions.``.
-* ``model._reft_state``: a plain object with the patch config and the positions of the
-  current forward. Each patched layer holds ``layer._reft_link`` (state + its intervention).
-* Hooks on the model and on each patched layer, and a ``model.generate`` shadow: see
-  model/hooks.py.
+* ``model.reft_interventions``: nn.ModuleDict {adapter name: nn.ModuleDict {str(layer
+  index): intervention}}. Base state_dict keys are unchanged; the new keys all start with
+  ``reft_interventions.<adapter>.``. patch() creates the first adapter, and adds one per
+  further call with a new ``adapter=`` name.
+* ``model._reft_state``: a plain object with each adapter's config (hooks.Adapter), the
+  default adapter and the positions of the current forward. Each layer some adapter edits
+  holds ``layer._reft_link`` (the state and the layer's index).
+* Hooks on the model and on each of those layers, and a ``model.generate`` shadow: see
+  model/hooks.py; a forward with one adapter per row: model/adapters.py.
+
+The adapters of a forward: ``reft_adapter=`` (a name, or one name or None per row) given
+to the forward or to generate, else the default adapter (set_adapter; the first one).
 
 Positions of a forward, first match wins:
   1. the model was called with a non-empty KV cache (``cache`` / ``past_key_values``):
      decode step, no edit;
-  2. ``reft_positions=`` (B, P) passed to the model's forward (or to generate);
+  2. ``reft_positions=`` (B, P) passed to the model's forward (or to generate), for every
+     row whatever its adapter;
   3. positions fixed by generate() from the prompt;
   4. ``with reft_ext.positions(model, tensor):``;
-  5. the spec given to patch() ("all", "last", "f7+l7", ...) computed from the 2-D
-     attention mask of the call (``attention_mask``, 1 = token; or ``src_key_padding_mask``
-     / ``key_padding_mask``, True = pad), or from all T tokens when there is none.
+  5. the spec given to patch() for the row's adapter ("all", "last", "f7+l7", ...) from
+     the 2-D attention mask of the call (``attention_mask``, 1 = token; or
+     ``src_key_padding_mask`` / ``key_padding_mask``, True = pad), or from all T tokens
+     when there is none.
 
 Positions live for one call of the patched module: a layer run outside one (a call below
 it, ``model.model(...)``, or ``model.forward(...)`` bypassing the hooks) edits nothing. A
