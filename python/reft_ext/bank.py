@@ -22,17 +22,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .modules import _Intervention
 from .ops import loreft, loreft_
 
-__all__ = ["Untied", "fusable", "bank_call"]
+__all__ = ["Untied", "fusable", "has_hooks", "owned", "bank_call"]
 
 
 def fusable(module: nn.Module) -> bool:
-    """True if ``module`` can be one entry of a bank: it exposes ``kernel_params()`` (every
-    built-in type), runs the fused backend, and its dropout is not active (dropout runs a
-    pure-PyTorch path of its own)."""
-    return (hasattr(module, "kernel_params") and getattr(module, "backend", "fused") == "fused"
-            and not (module.training and getattr(module, "dropout", 0.0) > 0))
+    """True if ``module`` can be one entry of a bank, i.e. calling it is exactly the op on
+    its ``kernel_params()``: a built-in type's forward (not overridden by a subclass), the
+    fused backend, dropout not active (it runs a pure-PyTorch path of its own), and no
+    hooks that a call would run (on the module or global): otherwise it is called."""
+    return (hasattr(module, "kernel_params")
+            and getattr(type(module), "forward", None) is _Intervention.forward
+            and getattr(module, "backend", "fused") == "fused"
+            and not (module.training and getattr(module, "dropout", 0.0) > 0)
+            and not has_hooks(module))
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """True if calling ``module`` would run forward or backward hooks besides forward."""
+    from torch.nn.modules import module as mm
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or mm._global_forward_hooks
+                or mm._global_forward_pre_hooks or mm._global_backward_hooks
+                or mm._global_backward_pre_hooks)
+
+
+def owned(out: torch.Tensor, h: torch.Tensor) -> bool:
+    """True if ``out``, a result of editing ``h`` out of place, may take further edits in
+    place: it is a new tensor, and no torch.func transform is active (there only the
+    out-of-place op works)."""
+    return out is not h and not torch._C._are_functorch_transforms_active()
 
 
 def bank_call(h: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, members,
@@ -83,7 +104,7 @@ class Untied(nn.Module):
         if not self._fused():
             out = h
             for k, m in enumerate(self.members):
-                out = m(out, positions[:, k], inplace=inplace or out is not h)
+                out = m(out, positions[:, k], inplace=inplace or owned(out, h))
             return out
         index = _group_index(B, N, P, positions.device)
         return bank_call(h, positions.reshape(B, N * P), index, self.members, inplace)

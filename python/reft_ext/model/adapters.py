@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..bank import Untied, bank_call, fusable
+from ..bank import Untied, bank_call, fusable, has_hooks, owned
 from .positions import positions_from_mask
 
 
@@ -98,11 +98,11 @@ class Mixed:
                 groups.setdefault(key, []).append(a)
         out = h
         for a in alone + [g[0] for g in groups.values() if len(g) == 1]:
-            out = mods[a](out, pos[a], inplace=inplace or out is not h)
+            out = mods[a](out, pos[a], inplace=inplace or owned(out, h))
         for names in (g for g in groups.values() if len(g) > 1):
             members = [e for a in names for e in _entries(mods[a])]
             flat_pos, index = self._bank_slots(tuple(names), pos, h.device)
-            out = bank_call(out, flat_pos, index, members, inplace or out is not h)
+            out = bank_call(out, flat_pos, index, members, inplace or owned(out, h))
         return out
 
     def _bank_slots(self, names: tuple, pos: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +158,7 @@ def _bank_key(m: nn.Module):
     (and the class, when they differ within one intervention) and device; None for one
     that cannot join a bank."""
     entries = _entries(m)
-    if not all(fusable(e) for e in entries):
+    if not all(fusable(e) for e in entries) or (entries[0] is not m and has_hooks(m)):
         return None
     params = list(entries[0].parameters())
     if not params:

@@ -189,10 +189,14 @@ def _cache_len(cache) -> int:
     return 0
 
 
-def check_explicit(pos, where: str, groups: int = 0) -> torch.Tensor:
+def check_explicit(pos, where: str, groups: int | None = 0) -> torch.Tensor:
     """Explicit positions as the layers take them: (B, P) int64 for tied interventions;
     for N untied ones (groups=N), a (B, N, P) tensor or a sequence of N (B, P_k) tensors
-    (group k for intervention #k), padded with -1 to a common P."""
+    (group k for intervention #k), padded with -1 to a common P. groups=None: either
+    layout (checked again against the adapters of each forward)."""
+    if groups is None:
+        groups = (len(pos) if isinstance(pos, (tuple, list))
+                  else pos.shape[1] if isinstance(pos, torch.Tensor) and pos.dim() == 3 else 0)
     if groups and isinstance(pos, (tuple, list)):
         if len(pos) != groups:
             raise ValueError(f"reft_ext: {where} for untied interventions must hold {groups} "
@@ -241,9 +245,16 @@ def check_selection(st: State, selection, where: str):
                             f"{type(r).__name__}")
         if r is not None:
             _check_adapter(st, r, f"{where}[{k}]")
-    if rows[0] is not None and all(r == rows[0] for r in rows):
-        return rows[0]
     return rows
+
+
+def _collapse(selected):
+    """A per-row selection naming one adapter on every row is that adapter (the
+    single-adapter path); call it once the rows have been counted against the batch."""
+    if isinstance(selected, tuple) and selected[0] is not None and \
+            all(r == selected[0] for r in selected):
+        return selected[0]
+    return selected
 
 
 def _check_adapter(st: State, name: str, where: str) -> None:
@@ -274,6 +285,8 @@ def root_pre_hook(model: nn.Module, args, kwargs):
         if B is not None and B != len(selected):
             raise ValueError(f"reft_ext: reft_adapter lists {len(selected)} adapters for a "
                              f"batch of {B} rows: give one adapter name (or None) per row")
+        if B is not None:
+            selected = _collapse(selected)
     st.selected = selected
     st.mask = None
     st.expand = False
@@ -363,19 +376,28 @@ def layer_hook(layer: nn.Module, args, kwargs, output):
         # cannot be keyed (a tensor subclass) gets this layer's latest forward's.
         pos = _NOT_RECORDED if x_in is None else link.calls.lookup(x_in)
         if pos is _NOT_RECORDED:
-            pos = link.last
+            # A recompute of the whole patched call (a checkpoint around model(...)) ran the
+            # root pre-hook again with that call's arguments: its positions are in the
+            # state. A layer recomputed alone whose input cannot be keyed: the latest.
+            pos = (_forward_positions(link.state, h, link.seq_first)
+                   if link.state.active is not None else link.last)
     else:
         pos = _forward_positions(link.state, h, link.seq_first)
-        link.last = pos
-        if x_in is not None and not torch.is_inference_mode_enabled():
-            link.calls.record(x_in, pos)
+        if not torch._C._are_functorch_transforms_active():
+            # (kept for checkpoint recomputes; under a torch.func transform its tensors may
+            # be the transform's wrappers, which must not outlive it)
+            link.last = pos
+            if x_in is not None and not torch.is_inference_mode_enabled():
+                link.calls.record(x_in, pos)
     if pos is None:
         return None
     st = link.state
     key = str(link.layer_id)
     hv = _batch_first(h, link.seq_first)
+    # (torch.func transforms need the out-of-place op: its saved rows carry no history)
     inplace = (not (hv.requires_grad and hv.is_leaf) and hv.stride(-1) == 1
-               and not _aliases_input(h, args, kwargs))
+               and not _aliases_input(h, args, kwargs)
+               and not torch._C._are_functorch_transforms_active())
     if isinstance(pos, Mixed):
         mods = {a: st.modules[a][key] for a in pos.names
                 if a in st.modules and key in st.modules[a]}
@@ -487,10 +509,13 @@ class Generate:
             if ids is None:
                 ids = kwargs.get(key)
         mixed = isinstance(selected, tuple)
-        if mixed and isinstance(ids, torch.Tensor) and ids.shape[0] != len(selected):
-            raise ValueError(f"reft_ext: reft_adapter lists {len(selected)} adapters for "
-                             f"{ids.shape[0]} prompts: give one adapter name (or None) per "
-                             f"prompt")
+        if mixed and isinstance(ids, torch.Tensor):
+            if ids.shape[0] != len(selected):
+                raise ValueError(f"reft_ext: reft_adapter lists {len(selected)} adapters for "
+                                 f"{ids.shape[0]} prompts: give one adapter name (or None) "
+                                 f"per prompt")
+            selected = _collapse(selected)
+            mixed = isinstance(selected, tuple)
         pos = _FROM_SPEC       # no prompt tensor here: each forward's own mask
         if reft_positions is not None or st.context:
             given = reft_positions if reft_positions is not None else st.context[-1]

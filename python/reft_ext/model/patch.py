@@ -308,12 +308,14 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def use_positions(model: nn.Module, positions: torch.Tensor) -> Iterator[nn.Module]:
     """Context manager: forwards (and generate) inside edit ``positions``.
 
-    positions: (B, P) int64/int32, token indices in [0, T) or -1, no repeats per row; B must
-    match the batch of each forward inside. An explicit ``reft_positions=`` kwarg still
-    wins. Also available as ``reft_ext.positions(model, positions)``.
+    positions: (B, P) int64/int32, token indices in [0, T) or -1, no repeats per row (for
+    untied adapters (B, N, P) or a tuple of N (B, P_k), see patch()); B must match the
+    batch of each forward inside, the layout its adapters (checked at each forward). An
+    explicit ``reft_positions=`` kwarg still wins. Also available as
+    ``reft_ext.positions(model, positions)``.
     """
     st = _state(model, "positions")
-    st.context.append(check_explicit(positions, "positions", st.groups))
+    st.context.append(check_explicit(positions, "positions", None))
     try:
         yield model
     finally:
