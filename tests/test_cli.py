@@ -450,6 +450,9 @@ def test_generate_several_adapters_bad_inputs(capsys, tmp_path, two_adapters):
     _bad(capsys, *common, "--reft", f"base={da}", "--prompt", "x", match="reserved")
     _bad(capsys, *common, "--reft", f"a={tmp_path}", "--prompt", "x",
          match=f"--reft a={tmp_path}: not a reft_ext checkpoint directory")
+    (tmp_path / "reft_adapters.json").write_text("{}")  # a reft_ext.save_adapters directory
+    _bad(capsys, *common, "--reft", str(tmp_path), "--prompt", "x",
+         match=f"pass --reft NAME={tmp_path / 'NAME'} for each")
     _bad(capsys, *common, *ab, "--adapter", "c", "--prompt", "x",
          match="--adapter c: no --reft adapter")
     _bad(capsys, *common, *ab, match="no prompts: give --prompt TEXT or --prompts FILE")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import load
+from ..checkpoint.adapters import INDEX_NAME
 from ..checkpoint.format import CONFIG_NAME
 from ..model.patch import valid_adapter_name
 from ._common import DEFAULT_MODEL, Parser, UsageError, add_model_args, check_device, first_line
@@ -21,7 +22,8 @@ model. --prompt prompts use the first --reft (or --adapter NAME); --prompts FILE
 gives one prompt per line, {"prompt": "...", "adapter": "sql"}, "adapter": null for the
 base model, "adapter" left out for the default. All prompts run in mixed batches and each
 completion is printed as [adapter] 'prompt' -> 'completion' ([base] without an adapter), in
-the order given: --prompt prompts first, then the file's lines."""
+the order given: --prompt prompts first, then the file's lines. One --reft DIR with --prompt
+prints as it always has: the completion alone ('prompt' -> 'completion' for several)."""
 
 
 def parse_refts(values) -> list[tuple[str, Path, str, bool]]:
@@ -50,8 +52,12 @@ def parse_refts(values) -> list[tuple[str, Path, str, bool]]:
             raise UsageError(f"{where}: adapter {name!r} is given twice (also "
                              f"{seen[name]}){why}")
         if not (d / CONFIG_NAME).is_file():
+            hint = ""
+            if (d / INDEX_NAME).is_file():  # reft_ext.save_adapters: one directory each
+                hint = (f"; it holds several adapters (reft_ext.save_adapters): pass "
+                        f"--reft NAME={d / 'NAME'} for each")
             raise UsageError(f"{where}: not a reft_ext checkpoint directory "
-                             f"(no {CONFIG_NAME})")
+                             f"(no {CONFIG_NAME}){hint}")
         seen[name] = where
         out.append((name, d, where, named))
     return out
