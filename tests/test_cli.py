@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -304,3 +305,186 @@ def test_generate_other_models_checkpoint_says_pass_model(capsys, tmp_path, tiny
                       "--steps", "1", "--layers", "0", "--examples", "0", "--output", str(out))
     assert rc == 0, err
     _bad(capsys, "generate", "--reft", str(out), "--prompt", "x", match="pass --model DIR")
+
+
+# Issue 17: several --reft NAME=DIR adapters on one model and a per-prompt adapter
+# (--prompts JSONL); each completion printed with its adapter.
+@pytest.fixture(scope="module")
+def two_adapters(tiny, tmp_path_factory):
+    """Checkpoints of two different adapters of the tiny model ("a": LoReFT on layers 0, 1;
+    "b": NoReFT on layer 1), their parameters perturbed so that each edit shows."""
+    from transformers import AutoModelForCausalLM
+    model_dir, _ = tiny
+    root = tmp_path_factory.mktemp("adapters")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(1)
+    reft_ext.patch(model, [0, 1], rank=2, positions="f3+l3", adapter="a")
+    reft_ext.patch(model, [1], rank=3, positions="last", adapter="b", intervention="noreft")
+    with torch.no_grad():
+        for p in model.reft_interventions.parameters():
+            p.add_(3 * torch.randn_like(p))
+    for name in ("a", "b"):
+        reft_ext.save(model, root / name, adapter=name)
+    return model_dir, root / "a", root / "b"
+
+
+def _reference(model_dir, ckpts: dict, prompts, adapters, max_new_tokens, batch_size=64):
+    """What each row should get, computed without mixed batches: the same batches run by a
+    model holding only that row's checkpoint (None: the unpatched model), row for row."""
+    from reft_ext.cli._model import generate, load_model
+    out = [None] * len(prompts)
+    for name in set(adapters):
+        model, tok = load_model(model_dir, "float32", "cpu")
+        if name is not None:
+            reft_ext.load(model, ckpts[name])
+        gen = generate(model, tok, prompts, max_new_tokens, "cpu", batch_size=batch_size)
+        for i, a in enumerate(adapters):
+            if a == name:
+                out[i] = gen[i]
+    return out
+
+
+def _tagged(prompts, adapters, outs):
+    return [f"[{a if a is not None else 'base'}] {p!r} -> {g!r}"
+            for p, a, g in zip(prompts, adapters, outs)]
+
+
+def test_generate_several_adapters_per_prompt(capsys, tmp_path, two_adapters):
+    model_dir, da, db = two_adapters
+    ckpts = {"a": da, "b": db}
+    rows = [("len", "a"), ("iter", "b"), ("add", None), ("sub", ...), ("mul", "b"),
+            ("eq", "a"), ("len", None), ("len", "b")]
+    f = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"prompt": p} if a is ... else {"prompt": p, "adapter": a})
+             for p, a in rows]
+    f.write_text("\n".join(lines[:3] + ["", "  "] + lines[3:]) + "\n")  # blank lines skipped
+    n = 6
+    common = ["generate", "--model", str(model_dir), "--max-new-tokens", str(n)]
+
+    # --prompt prompts and lines without "adapter" use the first --reft ...
+    rc, text, err = _run(capsys, *common, "--reft", f"a={da}", "--reft", f"b={db}",
+                         "--prompt", "iter", "--prompts", str(f))
+    assert rc == 0, err
+    prompts = ["iter"] + [p for p, _ in rows]
+    adapters = ["a"] + [("a" if a is ... else a) for _, a in rows]
+    want = _reference(model_dir, ckpts, prompts, adapters, n)
+    assert text.splitlines() == _tagged(prompts, adapters, want)
+    # the test can tell the adapters apart: each changes some completion, differently
+    base = _reference(model_dir, ckpts, prompts, [None] * len(prompts), n)
+    only_a = _reference(model_dir, ckpts, prompts, ["a"] * len(prompts), n)
+    only_b = _reference(model_dir, ckpts, prompts, ["b"] * len(prompts), n)
+    assert only_a != base and only_b != base and only_a != only_b
+
+    # ... or --adapter NAME
+    adapters2 = ["b"] + [("b" if a is ... else a) for _, a in rows]
+    want2 = _reference(model_dir, ckpts, prompts, adapters2, n)
+    for order in (["--reft", f"a={da}", "--reft", f"b={db}", "--adapter", "b"],
+                  ["--reft", f"b={db}", "--reft", f"a={da}"]):
+        rc, text, err = _run(capsys, *common, *order, "--prompt", "iter", "--prompts", str(f))
+        assert rc == 0, err
+        assert text.splitlines() == _tagged(prompts, adapters2, want2), order
+
+    # each completion is what the one-adapter command gives for that prompt alone
+    for p, a, g in zip(prompts, adapters, want):
+        if a is not None:
+            rc, text, err = _run(capsys, *common, "--reft", str(ckpts[a]), "--prompt", p)
+            assert rc == 0, err
+            assert text.splitlines() == [g], (p, a)
+
+
+def test_generate_mixed_batches_split(two_adapters):
+    """_model.generate with one adapter per prompt over several batches."""
+    from reft_ext.cli._model import generate, load_model
+    model_dir, da, db = two_adapters
+    prompts = ["len", "iter", "add", "sub", "mul", "eq", "x"]
+    adapters = ["b", None, "a", "a", "b", None, "b"]
+    model, tok = load_model(model_dir, "float32", "cpu")
+    reft_ext.load(model, da, adapter="a")
+    reft_ext.load(model, db, adapter="b")
+    got = generate(model, tok, prompts, 5, "cpu", batch_size=3, adapters=adapters)
+    assert got == _reference(model_dir, {"a": da, "b": db}, prompts, adapters, 5,
+                             batch_size=3)
+    with pytest.raises(ValueError, match="2 adapters for 7 prompts"):
+        generate(model, tok, prompts, 5, "cpu", adapters=["a", "b"])
+
+
+def test_generate_unnamed_reft_keeps_its_output(capsys, tmp_path, two_adapters):
+    model_dir, da, db = two_adapters
+    common = ["generate", "--model", str(model_dir), "--max-new-tokens", "5"]
+    want = _reference(model_dir, {"a": da}, ["len", "add"], ["a", "a"], 5)
+    rc, text, err = _run(capsys, *common, "--reft", str(da), "--prompt", "len")
+    assert rc == 0, err
+    assert text == want[0] + "\n"                   # one prompt: the completion alone
+    rc, text, err = _run(capsys, *common, "--reft", str(da), "--prompt", "len",
+                         "--prompt", "add")
+    assert rc == 0, err
+    assert text.splitlines() == [f"{p!r} -> {g!r}" for p, g in zip(["len", "add"], want)]
+    # a directory whose name has '=' in it is a DIR, as before
+    odd = tmp_path / "k=v"
+    shutil.copytree(da, odd)
+    rc, text, err = _run(capsys, *common, "--reft", str(odd), "--prompt", "len")
+    assert rc == 0, err
+    assert text == want[0] + "\n"
+    # with a named one, the unnamed one is the adapter "default"
+    rc, text, err = _run(capsys, *common, "--reft", str(da), "--reft", f"b={db}",
+                         "--prompt", "len")
+    assert rc == 0, err
+    assert text.splitlines() == _tagged(["len"], ["default"], want[:1])
+
+
+def test_generate_several_adapters_bad_inputs(capsys, tmp_path, two_adapters):
+    """One line, exit 2, naming the argument (and the line); all before the model loads
+    (--model here does not exist, and that error is not the one reported)."""
+    _, da, db = two_adapters
+    common = ["generate", "--model", str(tmp_path / "no-model")]
+    ab = ["--reft", f"a={da}", "--reft", f"b={db}"]
+    _bad(capsys, *common, "--reft", f"a={da}", "--reft", f"a={db}", "--prompt", "x",
+         match=f"--reft a={db}: adapter 'a' is given twice")
+    _bad(capsys, *common, "--reft", str(da), "--reft", str(db), "--prompt", "x",
+         match=f"--reft {db}: adapter 'default' is given twice")
+    _bad(capsys, *common, "--reft", f"default={da}", "--reft", str(db), "--prompt", "x",
+         match="adapter 'default' is given twice")
+    for name in ("bad.name", "a b", "", "keys"):
+        _bad(capsys, *common, "--reft", f"{name}={da}", "--prompt", "x",
+             match=f"--reft {name}={da}: bad adapter name {name!r}")
+    _bad(capsys, *common, "--reft", f"base={da}", "--prompt", "x", match="reserved")
+    _bad(capsys, *common, "--reft", f"a={tmp_path}", "--prompt", "x",
+         match=f"--reft a={tmp_path}: not a reft_ext checkpoint directory")
+    (tmp_path / "reft_adapters.json").write_text("{}")  # a reft_ext.save_adapters directory
+    _bad(capsys, *common, "--reft", str(tmp_path), "--prompt", "x",
+         match=f"pass --reft NAME={tmp_path / 'NAME'} for each")
+    _bad(capsys, *common, *ab, "--adapter", "c", "--prompt", "x",
+         match="--adapter c: no --reft adapter")
+    _bad(capsys, *common, *ab, match="no prompts: give --prompt TEXT or --prompts FILE")
+    f = tmp_path / "p.jsonl"
+    _bad(capsys, *common, *ab, "--prompts", str(f), match=f"--prompts {f}: no such file")
+    good = '{"prompt": "len", "adapter": "a"}\n\n'
+    for line, match in [
+        ("{not json", ":3: not valid JSON"),
+        ("[1, 2]", ":3: expected a JSON object"),
+        ('{"adapter": "a"}', ':3: "prompt" must be a non-empty string'),
+        ('{"prompt": 3}', ':3: "prompt" must be a non-empty string'),
+        ('{"prompt": "x", "adapter": 3}', ':3: "adapter" must be an adapter name or null'),
+        ('{"prompt": "x", "adapter": "c"}', ":3: unknown adapter 'c'"),
+    ]:
+        f.write_text(good + line + "\n" + good)
+        _bad(capsys, *common, *ab, "--prompts", str(f), match=f"--prompts {f}{match}")
+    f.write_text("\n\n")
+    _bad(capsys, *common, *ab, "--prompts", str(f), match=f"--prompts {f}: no prompts")
+
+
+def test_generate_named_other_models_checkpoint_says_pass_model(capsys, two_adapters):
+    _, da, db = two_adapters  # tiny-model checkpoints under the built-in model
+    line = _bad(capsys, "generate", "--reft", f"a={da}", "--reft", f"b={db}", "--prompt", "x",
+                match=f"--reft a={da}: ")
+    assert "pass --model DIR" in line
+
+
+def test_generate_help_shows_adapters(capsys):
+    rc, out, _ = _run(capsys, "generate", "--help")
+    assert rc == 0
+    flat = " ".join(out.split())
+    for s in ("--reft [NAME=]DIR", "--prompts FILE", "--adapter NAME", "[base]",
+              "named 'default'"):
+        assert s in flat, (s, out)
+    assert max(map(len, out.splitlines())) <= 100

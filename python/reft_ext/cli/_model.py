@@ -115,11 +115,18 @@ def builtin_model(dtype=None):
 
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int, device,
-             batch_size: int = 64) -> list[str]:
+             batch_size: int = 64, adapters: list | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches), decoded up to eos; a
-    continuation that did not reach eos within ``max_new_tokens`` ends in "..."."""
+    continuation that did not reach eos within ``max_new_tokens`` ends in "...".
+
+    ``adapters``: None (the model as it is), or one adapter name or None (the base model,
+    no edit) per prompt for a model patched with named adapters: each batch is one
+    ``model.generate(..., reft_adapter=[...])`` call that edits every row with its own
+    adapter."""
     import torch
 
+    if adapters is not None and len(adapters) != len(prompts):
+        raise ValueError(f"generate: {len(adapters)} adapters for {len(prompts)} prompts")
     outs = []
     for s in range(0, len(prompts), batch_size):
         enc = [tok.encode_prompt(p) for p in prompts[s:s + batch_size]]
@@ -129,11 +136,14 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, device,
         for i, e in enumerate(enc):
             ids[i, T - len(e):] = torch.tensor(e)
             mask[i, T - len(e):] = 1
+        extra = {}
+        if adapters is not None:
+            extra["reft_adapter"] = list(adapters[s:s + batch_size])
         with torch.no_grad():
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
+                                 pad_token_id=tok.pad_token_id, **extra)
         for row in gen[:, T:].tolist():
             stopped = tok.eos_token_id in row
             if stopped:
