@@ -11,31 +11,39 @@ from ._common import DATA_DIR, UsageError, first_line
 DEFAULT_DATA = DATA_DIR / "special_names.jsonl"
 
 
-def load_data(path) -> list[dict]:
+def read_jsonl(path, option: str, fields: str):
+    """Yields (where, record) for each non-empty line of a JSONL file given as ``option``
+    (where: "OPTION PATH:LINE", for messages); UsageError for a missing or unreadable file,
+    a line that is not JSON, or not an object (fields: what the object must hold)."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--data {path}: no such file")
-    records = []
+        raise UsageError(f"{option} {path}: no such file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--data {path}: cannot read: {first_line(e)}")
+        raise UsageError(f"{option} {path}: cannot read: {first_line(e)}")
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{option} {path}:{n}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"--data {path}:{n}: not valid JSON ({e.msg})")
+            raise UsageError(f"{where}: not valid JSON ({e.msg})")
         if not isinstance(rec, dict):
-            raise UsageError(f"--data {path}:{n}: expected a JSON object with \"prompt\" and "
-                             f"\"response\"")
+            raise UsageError(f"{where}: expected a JSON object with {fields}")
+        yield where, rec
+
+
+def load_data(path) -> list[dict]:
+    records = []
+    for where, rec in read_jsonl(path, "--data", "\"prompt\" and \"response\""):
         for key in ("prompt", "response"):
             if not isinstance(rec.get(key), str) or not rec[key]:
-                raise UsageError(f"--data {path}:{n}: \"{key}\" must be a non-empty string")
+                raise UsageError(f"{where}: \"{key}\" must be a non-empty string")
         split = rec.get("split", "train")
         if split not in ("train", "heldout"):
-            raise UsageError(f"--data {path}:{n}: \"split\" must be \"train\" or \"heldout\"")
+            raise UsageError(f"{where}: \"split\" must be \"train\" or \"heldout\"")
         records.append({"prompt": rec["prompt"], "response": rec["response"],
                         "split": split, "explicit": "split" in rec})
     if not records:

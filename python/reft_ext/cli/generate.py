@@ -11,6 +11,7 @@ from ..checkpoint.adapters import INDEX_NAME
 from ..checkpoint.format import CONFIG_NAME
 from ..model.patch import valid_adapter_name
 from ._common import DEFAULT_MODEL, Parser, UsageError, add_model_args, check_device, first_line
+from ._data import read_jsonl
 from ._model import generate, load_model
 
 UNNAMED = "default"  # the adapter name of a --reft DIR (reft_ext.load's default name)
@@ -65,25 +66,8 @@ def parse_refts(values) -> list[tuple[str, Path, str, bool]]:
 
 def load_prompts(path, names, default: str) -> list[tuple[str, str | None]]:
     """(prompt, adapter name or None) per non-empty line of a --prompts JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--prompts {path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--prompts {path}: cannot read: {first_line(e)}")
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"--prompts {path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not valid JSON ({e.msg})")
-        if not isinstance(rec, dict):
-            raise UsageError(f"{where}: expected a JSON object with \"prompt\" (and "
-                             f"optionally \"adapter\")")
+    for where, rec in read_jsonl(path, "--prompts", "\"prompt\" (and optionally \"adapter\")"):
         if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
             raise UsageError(f"{where}: \"prompt\" must be a non-empty string")
         adapter = rec.get("adapter", default)
