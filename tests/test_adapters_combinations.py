@@ -512,6 +512,44 @@ def test_checkpoint_of_the_whole_model_call_with_a_forward_in_between():
     _assert_same_grads(_grads(model), _grads(ref))
 
 
+class _EmbedsDecoder(PlainDecoder):
+    """PlainDecoder fed embeddings directly (inputs_embeds-style); with checkpoint_layers,
+    layer calls are checkpointed (non-reentrant) while grad is enabled."""
+
+    def forward(self, x):
+        T = x.shape[1]
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+        for blk in self.blocks:
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
+        return self.head(x)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: hooks._CallRecord keeps an entry as long as "
+                   "the layer's *input* storage lives, not as long as the forward's graph: "
+                   "sequential steps (each forward's backward already done) that feed the "
+                   "same input tensor (precomputed embeddings reused across steps) with "
+                   "other rows / another adapter mark it ambiguous, and the next backward "
+                   "raises 'cannot tell which forward it repeats'; once ambiguous the entry "
+                   "stays so for every later step while the tensor lives")
+def test_sequential_steps_on_the_same_input_tensor_with_layer_call_checkpoint():
+    ref = _plain_model()
+    ref.__class__ = _EmbedsDecoder
+    ref.checkpoint_layers = False
+    emb = torch.randn(6, 7, 32, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(0))
+    model = copy.deepcopy(ref)
+    model.checkpoint_layers = True
+    for sel in (P_ROWS, P_ROWS[::-1], "a", "b"):
+        model.zero_grad(set_to_none=True)
+        model(emb, reft_adapter=sel).pow(2).sum().backward()     # each step: its backward
+        ref.zero_grad(set_to_none=True)
+        ref(emb, reft_adapter=sel).pow(2).sum().backward()
+        _assert_same_grads(_grads(model), _grads(ref))
+
+
 def test_adapter_changes_between_forward_and_backward(tmp_path):
     """set_adapter, patch(adapter=new) and load() into an adapter that is not in the batch,
     between a mixed forward and its backward (layer-call checkpoint: the hooks re-run in
@@ -551,30 +589,78 @@ def test_adapter_changes_between_forward_and_backward(tmp_path):
         loss.backward()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: torch.func transforms: layer_hook keys its call "
-                   "record on x.untyped_storage(), which a functorch TensorWrapper does not "
-                   "have (type(x) is torch.Tensor passes _layer_input's check): "
-                   "NotImplementedError, and the failed call leaves a wrapped tensor in "
-                   "layer._reft_link.last, so deepcopy/pickle of the model then fail")
-def test_forward_mode_ad_jvp_through_a_mixed_batch():
+@pytest.mark.xfail(strict=True, reason="BUG: torch.func.jvp through a patched model raises "
+                   "as documented for loreft_ (README autograd modes table), but the failed "
+                   "call leaves functorch-wrapped tensors in the layers' state "
+                   "(layer._reft_link: .last / the call record), so copy.deepcopy and pickle "
+                   "of the model fail afterwards (NotImplementedError: Cannot access storage "
+                   "of TensorWrapper); _layer_input's type(x) is torch.Tensor check lets "
+                   "wrapped inputs through to x.untyped_storage()")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("rows", ["a", P_ROWS], ids=["single", "mixed"])
+def test_model_stays_usable_after_a_torch_func_transform_raises(rows):
     model = _plain_model()
     x = torch.randint(3, 90, (6, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x, reft_adapter=rows)
     name = "reft_interventions.a.0.bias"
     params = {k: v.detach() for k, v in model.named_parameters()}
-    bias = params[name]
-    t = torch.randn_like(bias)
 
     def f(bb):
         return torch.func.functional_call(model, {**params, name: bb}, (x,),
-                                          {"reft_adapter": P_ROWS})
-    try:
-        _, tangent = torch.func.jvp(f, (bias,), (t,))
-    finally:
-        copy.deepcopy(model)            # the model must stay usable after the transform
-    eps = 1e-6
+                                          {"reft_adapter": rows})
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.func.jvp(f, (params[name],), (torch.ones_like(params[name]),))
+    clone = copy.deepcopy(model)
+    again = pickle.loads(pickle.dumps(model))
     with torch.no_grad():
-        fd = (f(bias + eps * t) - f(bias - eps * t)) / (2 * eps)
-    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)
+        for m in (model, clone, again):
+            assert torch.equal(m(x, reft_adapter=rows), want)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_ad_through_a_mixed_batch():
+    """torch.autograd.forward_ad (documented exact for loreft_) through a mixed zoo batch
+    (float64): each row's tangent equals that of its adapter-only copy, and <J t, w> equals
+    <t, J^T w> from reverse mode, for parameters of a bank member, an untied member, the
+    reference backend and a singleton of another rank."""
+    import torch.autograd.forward_ad as fwAD
+    model, _, _ = _zoo("llama", dtype=torch.float64)
+    ids, mask = _ids_mask(ZOO_LENS, left=False)
+    g = torch.Generator().manual_seed(5)
+    for pname in ("lo.0.bias", "nd.0.members.1.weight", "no.1.proj", "rf.1.weight",
+                  "r3.1.rotate_raw"):
+        adapter = pname.split(".")[0]
+        tangents = {}
+        for m, rows in ((model, ZOO_ROWS), (_only(model, adapter), None)):
+            params = {k: v.detach() for k, v in m.named_parameters()}
+            key = "reft_interventions." + pname
+            p = params[key]
+            t = torch.randn(p.shape, generator=torch.Generator().manual_seed(1),
+                            dtype=p.dtype)
+
+            def f(pp):
+                kw = {"input_ids": ids, "attention_mask": mask}
+                if rows is not None:
+                    kw["reft_adapter"] = rows
+                return torch.func.functional_call(m, {**params, key: pp}, (), kw).logits
+            with fwAD.dual_level():
+                tan = fwAD.unpack_dual(f(fwAD.make_dual(p, t))).tangent
+            assert tan is not None, pname
+            tangents[rows is None] = tan
+            if rows is not None:
+                w = torch.randn(tan.shape, generator=g, dtype=tan.dtype)
+                leaf = p.clone().requires_grad_(True)
+                grad, = torch.autograd.grad((f(leaf) * w).sum(), leaf)
+                # (llama's RMSNorm computes in float32 even on a float64 model)
+                torch.testing.assert_close((tan * w).sum(), (grad * t).sum(), rtol=1e-5,
+                                           atol=1e-6, msg=pname)
+        for i, r in enumerate(ZOO_ROWS):
+            if r == adapter:
+                torch.testing.assert_close(tangents[False][i], tangents[True][i],
+                                           rtol=1e-9, atol=1e-12, msg=f"{pname} row {i}")
+            else:
+                assert tangents[False][i].abs().max() == 0, (pname, i)
 
 
 # ------------------------------------------------------------------ 4 training
@@ -720,6 +806,189 @@ def test_custom_module_without_kernel_params_next_to_a_bank():
                     assert torch.equal(mixed[i], single[i]), (a, i)
 
 
+class _Wrap(nn.Module):
+    """A custom intervention that wraps a LoReFT and exposes its kernel_params (so the
+    bank may fuse it) but has no ``rank`` attribute."""
+
+    def __init__(self, d, rank, **kw):
+        super().__init__()
+        self.inner = reft_ext.LoReFT(d, rank, **kw)
+
+    def kernel_params(self):
+        return self.inner.kernel_params()
+
+    def forward(self, h, positions, inplace=True):
+        return self.inner(h, positions, inplace=inplace)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: adapters._bank_key reads the rank as "
+                   "getattr(entry, 'rank', None): fusable custom modules without a rank "
+                   "attribute but of different ranks share a bank key and torch.stack of "
+                   "their (r, d) kernel params raises in a mixed batch (each adapter alone "
+                   "works); the key should use kernel_params' shapes")
+def test_fusable_custom_modules_of_different_ranks_without_rank_attribute():
+    model, _ = build("llama")
+    torch.manual_seed(0)
+    reft_ext.patch(model, [0], rank=2, positions="l2", adapter="w2", intervention=_Wrap)
+    reft_ext.patch(model, [0], rank=3, positions="l2", adapter="w3", intervention=_Wrap)
+    _perturb(model)
+    ids, mask = _ids_mask([9, 6, 2, 5])
+    rows = ["w2", "w3", None, "w2"]
+    with torch.no_grad():
+        mixed = call(model, ids, mask, "llama", reft_adapter=rows)
+        for a in ("w2", "w3"):
+            single = call(model, ids, mask, "llama", reft_adapter=a)
+            for i, r in enumerate(rows):
+                if r == a:
+                    assert torch.equal(mixed[i], single[i]), (a, i)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an int64 reft_positions tensor is kept by "
+                   "reference (check_explicit's .long() is a no-op): a layer-call checkpoint "
+                   "recompute reads the tensor as it is at backward time, so positions "
+                   "mutated in place after the forward (a reused collator buffer) silently "
+                   "give the gradients of other positions; without checkpointing autograd "
+                   "raises (saved tensor modified). Mixed batches copy the positions and are "
+                   "safe; single-adapter forwards and the positions context are not")
+def test_explicit_positions_mutated_after_forward_with_layer_call_checkpoint():
+    ref = _plain_model()
+    ref.train()
+    x = torch.randint(3, 90, (6, 7), generator=torch.Generator().manual_seed(0))
+    pos0 = torch.tensor([[0, 3]] * 6)
+    ref(x, reft_adapter="a", reft_positions=pos0).pow(2).sum().backward()
+    for rows in (["a", "b", "c", None, "b", "a"], "a"):
+        model = copy.deepcopy(ref)
+        model.zero_grad(set_to_none=True)
+        model.checkpoint_layers = True
+        pos = pos0.clone()
+        loss = model(x, reft_adapter=rows, reft_positions=pos).pow(2).sum()
+        pos[:] = torch.tensor([5, 6])                 # the buffer is reused
+        if isinstance(rows, list):
+            rows.reverse()                            # so is the rows list
+        loss.backward()
+        if rows == "a":
+            _assert_same_grads(_grads(model), _grads(ref))
+
+
+def test_pyreft_import_as_an_adapter_in_a_mixed_batch(tmp_path):
+    """load_pyreft(adapter=) onto a patched model: its rows equal a fresh import's, the
+    other adapters' rows are unchanged, everything equals the row reference."""
+    from test_pyreft_import import loreft_state, write_pyreft_dir
+    model, path = build("llama")
+    base = copy.deepcopy(model)
+    torch.manual_seed(0)
+    reft_ext.patch(model, [0, 2], rank=4, positions="f2+l2", adapter="a")
+    reft_ext.patch(model, [1], rank=4, positions="l1", adapter="b")
+    _perturb(model)
+    ids, mask = _ids_mask([9, 6, 2, 9, 6, 2])
+    rows = ["p", "a", "b", "p", None, "a"]
+    with torch.no_grad():
+        before = call(model, ids, mask, "llama", reft_adapter=[r if r != "p" else None
+                                                                for r in rows])
+    states, _ = zip(*(loreft_state(32, 4, seed=10 + i) for i in (2, 0)))
+    write_pyreft_dir(tmp_path / "py", [2, 0], states)
+    reft_ext.load_pyreft(model, tmp_path / "py", positions="f1+l2", adapter="p")
+    fresh = reft_ext.load_pyreft(copy.deepcopy(base), tmp_path / "py", positions="f1+l2")
+    with torch.no_grad():
+        mixed = call(model, ids, mask, "llama", reft_adapter=rows)
+        single = call(fresh, ids, mask, "llama")
+        ref = _RowReference(base, path, model, rows, mask)
+        want = call(base, ids, mask, "llama")
+        ref.remove()
+    for i, r in enumerate(rows):
+        if r == "p":
+            assert torch.equal(mixed[i], single[i]), i
+        else:
+            assert torch.equal(mixed[i], before[i]), i
+    torch.testing.assert_close(mixed, want, rtol=1e-4, atol=1e-4)
+
+
+def test_numeric_adapter_names_save_adapters_round_trip(tmp_path):
+    """Adapter names "0", "1", "2" (also the layer keys inside each adapter's ModuleDict)
+    survive save_adapters / load_adapters; each row equals its adapter-only copy's."""
+    model, _ = build("llama")
+    base = copy.deepcopy(model)
+    torch.manual_seed(0)
+    reft_ext.patch(model, [0], rank=2, positions="l2", adapter="0")
+    reft_ext.patch(model, [1, 2], rank=2, positions="f2", adapter="1")
+    reft_ext.patch(model, [0, 2], rank=3, positions="f1+l1", adapter="2", tied=False)
+    _perturb(model)
+    rows = ["0", "1", "2", None, "1", "0"]
+    ids, mask = _ids_mask([9, 6, 2, 9, 6, 2])
+    reft_ext.save_adapters(model, tmp_path / "all")
+    fresh = copy.deepcopy(base)
+    reft_ext.load_adapters(fresh, tmp_path / "all")
+    with torch.no_grad():
+        mixed = call(model, ids, mask, "llama", reft_adapter=rows)
+        assert torch.equal(call(fresh, ids, mask, "llama", reft_adapter=rows), mixed)
+        for a in "012":
+            single = call(_only(model, a), ids, mask, "llama")
+            for i, r in enumerate(rows):
+                if r == a:
+                    assert torch.equal(mixed[i], single[i]), (a, i)
+
+
+class _Ident(nn.Module):
+    def forward(self, x, causal_mask):
+        return x
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_layer_returning_its_input_is_not_edited_twice(grad):
+    """A layer that returns its input (skipped layer): the edit must not reach the previous
+    layer's output in place (float64, against the row reference)."""
+    torch.manual_seed(0)
+    model = PlainDecoder().double()
+    model.blocks[1] = _Ident()
+    base = copy.deepcopy(model)
+    torch.manual_seed(1)
+    reft_ext.patch(model, [0, 1, 2], rank=2, positions="f2", adapter="a", hidden_size=32,
+                   layer_path="blocks")
+    reft_ext.patch(model, [0, 1, 2], rank=2, positions="l2", adapter="b",
+                   intervention="noreft", hidden_size=32)
+    reft_ext.patch(model, [1], rank=3, positions="all", adapter="c", hidden_size=32)
+    _perturb(model)
+    x = torch.randint(3, 90, (4, 7), generator=torch.Generator().manual_seed(0))
+    rows = ["a", "b", "c", None]
+    with torch.set_grad_enabled(grad):
+        got = model(x, reft_adapter=rows)
+    with torch.no_grad():
+        ref = _RowReference(base, "blocks", model, rows, torch.ones_like(x))
+        want = base(x)
+        ref.remove()
+    torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_active_dropout_adapters_next_to_a_bank_in_train_mode():
+    """Train mode, dropout 0.5 (tied and untied: they leave the bank and run alone): each
+    row equals the adapter-only copy run on the same batch with the spec's positions kept
+    on that adapter's rows only (the same dropout draws, from the same seed)."""
+    model, _ = build("llama")
+    torch.manual_seed(0)
+    reft_ext.patch(model, [0, 1], rank=2, positions="f2+l2", adapter="d", dropout=0.5)
+    reft_ext.patch(model, [0, 1], rank=2, positions="f2+l2", adapter="ud", dropout=0.5,
+                   tied=False)
+    reft_ext.patch(model, [0, 1], rank=2, positions="l2", adapter="b")
+    reft_ext.patch(model, [1], rank=2, positions="f1", adapter="b2", intervention="consreft")
+    _perturb(model)
+    model.train()
+    ids, mask = _ids_mask([9, 6, 2, 9, 6, 2])
+    for a in ("d", "ud"):
+        rows = [a, "b", a, "b2", a, "b"]
+        pos = reft_ext.positions_from_mask("f2+l2", mask, tied=a == "d")
+        keep = torch.tensor([r == a for r in rows]).view(-1, *([1] * (pos.dim() - 1)))
+        pos = torch.where(keep, pos, -1)
+        only = _only(model, a)
+        torch.manual_seed(42)
+        with torch.no_grad():
+            mixed = call(model, ids, mask, "llama", reft_adapter=rows)
+            torch.manual_seed(42)
+            single = call(only, ids, mask, "llama", reft_positions=pos)
+        for i, r in enumerate(rows):
+            if r == a:
+                assert torch.equal(mixed[i], single[i]), (a, i)
+
+
 # ------------------------------------------------------------------ 6 generate
 
 def _gen_model():
@@ -803,37 +1072,36 @@ def test_pickle_deepcopy_and_unpatch_after_mixed_batches():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_with_changing_rows():
-    """torch.compile(model, fullgraph=True): changing row lists (another list, the same
-    list mutated, one name on every row, all None) each give the eager result; gradients
-    too."""
+def test_torch_compile_fullgraph_with_changing_rows_and_adapters():
+    """torch.compile(model, fullgraph=True): a mixed batch (values and gradients), then the
+    same rows list mutated in place, give the eager results (no stale cached plan)."""
     torch._dynamo.reset()
     try:
         model, _, _ = _abc()
-        eager = copy.deepcopy(model)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         ids, mask = _ids_mask(LENS)
-        rows = list(ROWS)
-        for change in (None, "reverse", "one", "none"):
-            if change == "reverse":
-                rows.reverse()
-            elif change == "one":
-                rows[:] = ["b"] * 8
-            elif change == "none":
-                rows[:] = [None] * 8
-            model.zero_grad()
-            eager.zero_grad()
+
+        def check(rows, backward=False):
+            model.zero_grad(set_to_none=True)
             got = compiled(input_ids=ids, attention_mask=mask, reft_adapter=rows).logits
-            want = eager(input_ids=ids, attention_mask=mask, reft_adapter=rows).logits
-            torch.testing.assert_close(got, want, msg=str(change))
-            if change in (None, "reverse"):
+            if backward:
                 got.pow(2).sum().backward()
+                g = {n: t.clone() for n, t in _grads(model).items() if t is not None}
+                model.zero_grad(set_to_none=True)
+            want = model(input_ids=ids, attention_mask=mask, reft_adapter=rows).logits
+            torch.testing.assert_close(got, want, msg=str(rows))
+            if backward:
                 want.pow(2).sum().backward()
-                g, w = _grads(model), _grads(eager)
+                w = {n: t for n, t in _grads(model).items() if t is not None}
+                assert g.keys() == w.keys() and len(w) == 18
                 for n in w:
-                    if w[n] is None:
-                        assert g[n] is None, n
-                    else:
-                        torch.testing.assert_close(g[n], w[n], msg=n)
+                    torch.testing.assert_close(g[n], w[n], msg=n)
+        rows = list(ROWS)
+        check(rows, backward=True)
+        rows.reverse()
+        check(rows)
+        # (set_adapter, patch(adapter=new), delete_adapter and disabled() after compiling
+        # were also checked by hand: each recompiles and matches eager; left out here for
+        # run time, about 5 s per recompile)
     finally:
         torch._dynamo.reset()
