@@ -47,7 +47,7 @@ class Mixed:
     def from_explicit(cls, rows, positions: torch.Tensor) -> "Mixed":
         """positions: (B, P) or (B, N, P) for every row; each adapter keeps its own rows."""
         _check_batch(rows, positions.shape[0], "the positions")
-        return cls(rows, {a: _only_rows(positions, rows, a) for a in _distinct(rows)})
+        return cls(rows, {a: _only_rows(positions, rows, a) for a in distinct_adapters(rows)})
 
     @classmethod
     def from_spec(cls, rows, adapters: dict, mask: torch.Tensor) -> "Mixed":
@@ -55,7 +55,7 @@ class Mixed:
         token (adapters: {name: reft_ext.model.hooks.Adapter})."""
         _check_batch(rows, mask.shape[0], "the attention mask")
         pos = {}
-        for a in _distinct(rows):
+        for a in distinct_adapters(rows):
             sel = torch.tensor([r == a for r in rows], device=mask.device)
             part = positions_from_mask(adapters[a].spec, mask[sel], tied=not adapters[a].groups)
             full = torch.full((len(rows), *part.shape[1:]), -1, dtype=part.dtype,
@@ -132,7 +132,8 @@ class Mixed:
         return flat, index
 
 
-def _distinct(rows) -> list[str]:
+def distinct_adapters(rows) -> list[str]:
+    """The adapter names of a per-row selection, each once, in row order."""
     return list(dict.fromkeys(r for r in rows if r is not None))
 
 

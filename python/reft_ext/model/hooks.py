@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .adapters import Mixed
+from .adapters import Mixed, distinct_adapters
 from .positions import PositionSpec, positions_from_mask
 
 _CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
@@ -62,14 +62,6 @@ class State:
         self.mask: torch.Tensor | None = None
         self.on_device: dict = {}          # active positions moved to a layer's device
 
-    @property
-    def spec(self) -> PositionSpec:
-        return self.adapters[self.default].spec
-
-    @property
-    def groups(self) -> int:
-        return self.adapters[self.default].groups
-
     def hooked_layers(self) -> list[int]:
         """Every layer some adapter edits, each once."""
         return list(dict.fromkeys(i for a in self.adapters.values() for i in a.layer_ids))
@@ -77,7 +69,7 @@ class State:
     def groups_of(self, selected) -> int:
         """The position layout (0 tied, N untied) shared by the adapters of a selection;
         ValueError when they differ (explicit positions cannot then fit all rows)."""
-        names = [selected] if isinstance(selected, str) else _distinct(selected)
+        names = [selected] if isinstance(selected, str) else distinct_adapters(selected)
         layouts = {self.adapters[a].groups for a in names}
         if len(layouts) > 1:
             raise ValueError(
@@ -96,10 +88,6 @@ class Link:
         self.seq_first = seq_first
         self.calls = _CallRecord()
         self.last = None     # what this layer's latest forward call edited (see layer_hook)
-
-
-def _distinct(rows) -> list[str]:
-    return list(dict.fromkeys(r for r in rows if r is not None))
 
 
 class _CallRecord:
