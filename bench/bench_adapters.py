@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_bank  # noqa: E402
 import bench_e2e  # noqa: E402
 import bench_op  # noqa: E402
 import common  # noqa: E402
@@ -193,7 +194,6 @@ def run_generation(model, desc, id_range, pad, rounds, gen):
 def op_providers(pos, r, d, gen):
     """{name: (fn(h, pos, *unused), parameters)} (bench_bank's form) on the (B, P) positions
     pos: N_ADAPTERS entries, the rows of entry k are rows k*B/N .. (k+1)*B/N - 1."""
-    import bench_bank
     N, (B, P) = N_ADAPTERS, pos.shape
     owner = torch.arange(B) // (B // N)
     index = owner.to(torch.int32)[:, None].expand(B, P).contiguous()
@@ -313,7 +313,7 @@ def op_section(env, res, same, shape):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=12, help="timed rounds of generation")
+    ap.add_argument("--rounds", type=int, default=20, help="timed rounds of generation")
     ap.add_argument("--reps", type=int, default=50, help="repeats of the op alone")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: a d=256 random model, 2 rounds, nothing written")
@@ -324,8 +324,10 @@ def main(argv=None) -> None:
     env = common.environment()
     gen = torch.Generator().manual_seed(0)
     rows, lines = [], [common.machine_line(env), "", "## Greedy generation, 8 adapters", ""]
+    widths = []
     for make, target in ((builtin_model, False), (lambda: random_model(**rand), True)):
         model, id_range, pad, desc = make()
+        widths.append(model.config.hidden_size)
         stats, check, shape = run_generation(model, desc, id_range, pad, rounds, gen)
         more, r = generation_section(env, desc, stats, check, shape,
                                      target and rand["hidden"] == 2048)
@@ -333,7 +335,7 @@ def main(argv=None) -> None:
         rows += r
         del model
     lines += ["## The op alone: 8 adapters in one bank call vs 8 calls", ""]
-    for d in (rand["hidden"], 128):
+    for d in widths[::-1]:
         B, T, P = N_ADAPTERS * PER_ADAPTER, 64, 10
         res, same = run_op(B, T, d, RANK, P, reps, gen)
         more, r = op_section(env, res, same, f"B={B} T={T} d={d} r={RANK} P={P} N=8")
