@@ -235,12 +235,12 @@ def run_op(B, T, d, r, P, reps, gen):
                 fn(h, pos)
         modes["fwd, no grad"] = (no_grad, lambda: leaf.detach().clone())
         per[name] = modes
-    out = {}
+    out, load0 = {}, os.getloadavg()[0]
     for mode in OP_MODES:
         cases = {name: modes[mode] for name, modes in per.items()}
         for name, stats in common.measure_interleaved(cases, reps=reps).items():
             out[(name, mode)] = stats
-    return out, same
+    return out, same, f"{load0:.2f}->{os.getloadavg()[0]:.2f}"
 
 
 # --- report -------------------------------------------------------------------------------
@@ -254,9 +254,10 @@ def fmt_tok(t: dict) -> str:
     return f"{t['median']:.1f} ({t['p20']:.1f}–{t['p80']:.1f})"
 
 
-def csv_row(env, stats, *, tokens_per_s="", ratio="", ratio_of="", check="", **fields):
+def csv_row(env, stats, *, tokens_per_s="", ratio="", ratio_of="", check="", loadavg="",
+            **fields):
     return common.ms_row(env, stats, **fields, tokens_per_s=tokens_per_s, ratio=ratio,
-                         ratio_of=ratio_of, check=check)
+                         ratio_of=ratio_of, check=check, loadavg=loadavg)
 
 
 def generation_section(env, desc, stats, check, shape, target: bool):
@@ -276,7 +277,8 @@ def generation_section(env, desc, stats, check, shape, target: bool):
                       f"{ratio:.2f}x"])
         rows.append(csv_row(env, stats[v], op="generate", provider=v, mode="greedy",
                             shape=shape, dtype="float32", tokens_per_s=t[v]["median"],
-                            ratio=ratio, ratio_of="mixed tokens/s / this", check=check_txt))
+                            ratio=ratio, ratio_of="mixed tokens/s / this", check=check_txt,
+                            loadavg=check["loadavg"]))
     lines += [common.markdown_table(["variant", "tokens/s (p20–p80)", "ms per variant "
                                      "(p20–p80)", "n", "mixed ÷ this (tokens/s)"], table), ""]
     lines.append(f"- mixed vs eight single-adapter batches: {vs_eight:.2f}x the tokens/s"
@@ -290,8 +292,8 @@ def generation_section(env, desc, stats, check, shape, target: bool):
     return lines + [""], rows
 
 
-def op_section(env, res, same, shape):
-    lines = [f"### {shape}", ""]
+def op_section(env, res, same, load, shape):
+    lines = [f"### {shape}", "", f"Load average {load}.", ""]
     table, rows = [], []
     for name in OP_PROVIDERS:
         cells = [name]
@@ -301,7 +303,7 @@ def op_section(env, res, same, shape):
             cells.append(f"{common.fmt_ms(s)} ({ratio:.2f}x)")
             rows.append(csv_row(env, s, op="loreft_", provider=name, mode=mode, shape=shape,
                                 dtype="float32", ratio=ratio, ratio_of="this / bank, 1 call",
-                                check=f"bank == 8 calls: {same}"))
+                                check=f"bank == 8 calls: {same}", loadavg=load))
         table.append(cells)
     lines += [common.markdown_table(["provider"] + [f"{m} ms (vs bank)" for m in OP_MODES],
                                     table), ""]
@@ -337,8 +339,8 @@ def main(argv=None) -> None:
     lines += ["## The op alone: 8 adapters in one bank call vs 8 calls", ""]
     for d in widths[::-1]:
         B, T, P = N_ADAPTERS * PER_ADAPTER, 64, 10
-        res, same = run_op(B, T, d, RANK, P, reps, gen)
-        more, r = op_section(env, res, same, f"B={B} T={T} d={d} r={RANK} P={P} N=8")
+        res, same, load = run_op(B, T, d, RANK, P, reps, gen)
+        more, r = op_section(env, res, same, load, f"B={B} T={T} d={d} r={RANK} P={P} N=8")
         lines += more
         rows += r
     text = "\n".join(lines)
