@@ -184,6 +184,9 @@ def run_generation(model, desc, id_range, pad, rounds, gen):
     load0 = os.getloadavg()[0]
     stats = bench_e2e.interleaved(cases, rounds, 1, {})
     check["loadavg"] = f"{load0:.2f}->{os.getloadavg()[0]:.2f}"
+    check["adapters"] = "; ".join(
+        f"{name}: layers {','.join(map(str, c['layers']))} {c['positions']}"
+        for name, c in reft_ext.adapters(model).items())
     shape = (f"{desc} B={n} T={ids.shape[1]} new={NEW_TOKENS} adapters={len(names)} r={RANK} "
              f"pos=f5+l5/f7+l7")
     return stats, check, shape
@@ -269,7 +272,8 @@ def generation_section(env, desc, stats, check, shape, target: bool):
     check_txt = (f"mixed == eight row by row: {ok} ({check['match']}/{check['rows']} rows); "
                  f"rows whose adapter changes the tokens from the base model's: "
                  f"{check['changed']}/{check['rows']}")
-    lines = [f"### {desc}", "", f"`{shape}`, load average {check['loadavg']}.", ""]
+    lines = [f"### {desc}", "", f"`{shape}`, load average {check['loadavg']}.", "",
+             f"Adapters (`reft_ext.adapters`, rank {RANK}): {check['adapters']}.", ""]
     table, rows = [], []
     for v in VARIANTS:
         ratio = t["mixed"]["median"] / t[v]["median"]
