@@ -14,7 +14,7 @@ changes the greedy output. Variants, timed in turns with the order rotating ever
              sub-batch left-padded to its own longest prompt)
   all a0     one generate of the 32 rows, every row reft_adapter="a0": the cost of one
              adapter at the mixed batch's size
-Models: the built-in byte-level model (reft_ext/data/base_model: Llama, d=128, 4 layers,
+Models: the built-in byte-level model (reft_ext.builtin_model(): Llama, d=128, 4 layers,
 vocab 259) and a random Llama (bench_e2e.build: d=2048, 4 layers, intermediate 5504,
 16 heads, vocab 32000), float32, inference mode, 2 threads. Reported: tokens/s
 (32 x 16 / seconds per variant), median and p20-p80, and the ratios mixed / eight and
@@ -74,9 +74,7 @@ def adapter_spec(k: int, n_layers: int) -> dict:
 
 def builtin_model():
     """(model, token id range, pad id, description) of the built-in byte-level model."""
-    from reft_ext.cli._common import DEFAULT_MODEL
-    from reft_ext.cli._model import load_model
-    model, tok = load_model(DEFAULT_MODEL, "float32", "cpu")
+    model, tok = reft_ext.builtin_model()
     for p in model.parameters():
         p.requires_grad_(False)
     c = model.config
