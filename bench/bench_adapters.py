@@ -328,6 +328,7 @@ def main(argv=None) -> None:
     env = common.environment()
     gen = torch.Generator().manual_seed(0)
     rows, lines = [], [common.machine_line(env), "", "## Greedy generation, 8 adapters", ""]
+    print("\n".join(lines), flush=True)
     widths = []
     for make, target in ((builtin_model, False), (lambda: random_model(**rand), True)):
         model, id_range, pad, desc = make()
@@ -337,16 +338,19 @@ def main(argv=None) -> None:
                                      target and rand["hidden"] == 2048)
         lines += more
         rows += r
+        print("\n".join(more), flush=True)       # each section as it is done
         del model
-    lines += ["## The op alone: 8 adapters in one bank call vs 8 calls", ""]
+    more = ["## The op alone: 8 adapters in one bank call vs 8 calls", ""]
+    lines += more
+    print("\n".join(more), flush=True)
     for d in widths[::-1]:
         B, T, P = N_ADAPTERS * PER_ADAPTER, 64, 10
         res, same, load = run_op(B, T, d, RANK, P, reps, gen)
         more, r = op_section(env, res, same, load, f"B={B} T={T} d={d} r={RANK} P={P} N=8")
         lines += more
         rows += r
+        print("\n".join(more), flush=True)
     text = "\n".join(lines)
-    print(text)
     if not args.quick:
         common.write_rows(args.out, rows)
         (common.RESULTS / f"{args.out}.md").write_text(
