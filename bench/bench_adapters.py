@@ -321,6 +321,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=50, help="repeats of the op alone")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: a d=256 random model, 2 rounds, nothing written")
+    ap.add_argument("--only", default="builtin,random,op",
+                    help="comma-separated parts: builtin, random (the generation tables), op")
     ap.add_argument("--out", default="bench_adapters-cpu")
     args = ap.parse_args(argv)
     rounds, reps = (2, 5) if args.quick else (args.rounds, args.reps)
@@ -329,11 +331,15 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(0)
     rows, lines = [], [common.machine_line(env), "", "## Greedy generation, 8 adapters", ""]
     print("\n".join(lines), flush=True)
-    widths = []
-    for make, target in ((builtin_model, False), (lambda: random_model(**rand), True)):
+    parts = set(args.only.split(","))
+    for part, make, target in (("builtin", builtin_model, False),
+                               ("random", lambda: random_model(**rand), True)):
+        if part not in parts:
+            continue
         model, id_range, pad, desc = make()
-        widths.append(model.config.hidden_size)
-        stats, check, shape = run_generation(model, desc, id_range, pad, rounds, gen)
+        # prompts seeded per model: the same whichever parts run
+        stats, check, shape = run_generation(model, desc, id_range, pad, rounds,
+                                             torch.Generator().manual_seed(0))
         more, r = generation_section(env, desc, stats, check, shape,
                                      target and rand["hidden"] == 2048)
         lines += more
@@ -343,7 +349,8 @@ def main(argv=None) -> None:
     more = ["## The op alone: 8 adapters in one bank call vs 8 calls", ""]
     lines += more
     print("\n".join(more), flush=True)
-    for d in widths[::-1]:
+    widths = (rand["hidden"], builtin_model()[0].config.hidden_size)
+    for d in (widths if "op" in parts else []):
         B, T, P = N_ADAPTERS * PER_ADAPTER, 64, 10
         res, same, load = run_op(B, T, d, RANK, P, reps, gen)
         more, r = op_section(env, res, same, load, f"B={B} T={T} d={d} r={RANK} P={P} N=8")
