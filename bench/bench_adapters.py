@@ -31,9 +31,11 @@ Modes: "fwd, no grad" (generation's prefill), "fwd" and "fwd+bwd" as in bench_op
 (training form); providers in turns (common.measure_interleaved). Checked: the bank call
 and the 8 calls give the same h.
 
-    python bench/bench_adapters.py                 # ~8 min on 2 cores
-    python bench/bench_adapters.py --quick         # smoke test (< 60 s; a d=256 random
-                                                   # model, nothing written)
+    python bench/bench_adapters.py                 # ~8 min on 2 idle cores (29 min
+                                                   # under a load of 3-5 from others)
+    python bench/bench_adapters.py --only random --rounds 8 --out NAME   # one part
+    python bench/bench_adapters.py --quick         # smoke test (~10 s idle; a d=256
+                                                   # random model, nothing written)
 """
 from __future__ import annotations
 
@@ -347,8 +349,9 @@ def main(argv=None) -> None:
         print("\n".join(more), flush=True)       # each section as it is done
         del model
     more = ["## The op alone: 8 adapters in one bank call vs 8 calls", ""]
-    lines += more
-    print("\n".join(more), flush=True)
+    if "op" in parts:
+        lines += more
+        print("\n".join(more), flush=True)
     widths = (rand["hidden"], builtin_model()[0].config.hidden_size)
     for d in (widths if "op" in parts else []):
         B, T, P = N_ADAPTERS * PER_ADAPTER, 64, 10
@@ -363,7 +366,9 @@ def main(argv=None) -> None:
         (common.RESULTS / f"{args.out}.md").write_text(
             "# bench_adapters: mixed-adapter batches vs one batch per adapter (CPU)\n\n"
             "Median (p20–p80) of interleaved repeats; ratios between variants of the same "
-            "run.\n`python bench/bench_adapters.py`\n\n" + text + "\n")
+            "run.\n`" + " ".join(["python bench/bench_adapters.py",
+                                  *(sys.argv[1:] if argv is None else argv)]) + "`\n\n"
+            + text + "\n")
 
 
 if __name__ == "__main__":
