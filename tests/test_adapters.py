@@ -105,6 +105,10 @@ def test_adapter_lists_of_one_name_and_default():
         reft_ext.set_adapter(model, "b")
         assert torch.equal(as_list, call(model, ids, mask, "llama"))
         assert reft_ext.adapters(model)["b"]["default"]
+        assert {a: (c["rank"], c["intervention"], c["tied"])
+                for a, c in reft_ext.adapters(model).items()} == {
+            "a": (2, "loreft", True), "b": (2, "noreft", True), "c": (3, "direft", True),
+            "u": (2, "loreft", False)}
         assert list(reft_ext.interventions(model)) == [0, 1, 2]
 
 

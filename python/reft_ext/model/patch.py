@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..bank import Untied
-from ..modules import build_intervention
+from ..modules import build_intervention, kind_of
 from .hooks import (Adapter, Generate, Link, State, check_explicit, layer_hook,
                     root_post_hook, root_pre_hook)
 from .layers import find_layers, normalise_layers, seq_first
@@ -261,10 +261,17 @@ def interventions(model: nn.Module, adapter: str | None = None) -> dict[int, nn.
 
 
 def adapters(model: nn.Module) -> dict[str, dict]:
-    """{adapter name: its patch_config} of a patched model, in creation order; the default
-    adapter's config has "default": True."""
+    """{adapter name: its patch_config + "rank", "intervention" (the registered type name,
+    or the class name of a custom one) and "default" (True for the default adapter)} of a
+    patched model, in creation order."""
     st = _state(model, "adapters")
-    return {a: {**patch_config(model, a), "default": a == st.default} for a in st.adapters}
+    out = {}
+    for a in st.adapters:
+        m = next(iter(st.modules[a].values()))
+        m = m.members[0] if isinstance(m, Untied) else m
+        out[a] = {**patch_config(model, a), "rank": getattr(m, "rank", None),
+                  "intervention": kind_of(m) or type(m).__name__, "default": a == st.default}
+    return out
 
 
 def set_adapter(model: nn.Module, adapter: str) -> None:
