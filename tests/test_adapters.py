@@ -464,3 +464,27 @@ def test_trainer_trains_several_adapters_and_the_callback_saves_and_resumes_them
     got = dict(resumed.reft_interventions.named_parameters())
     for n, p in model.reft_interventions.named_parameters():
         assert torch.equal(got[n], p), n
+
+
+def test_added_adapter_takes_d_from_the_others_when_it_cannot_be_inferred():
+    """A layer without parameters has no inferable hidden size: the first adapter needs
+    hidden_size=, a later one on that layer reuses the model's d (one residual width)."""
+    from patch_helpers import PlainDecoder
+
+    class Skip(torch.nn.Module):
+        def forward(self, x, *args, **kwargs):
+            return x.clone()
+
+    model = PlainDecoder()
+    model.blocks[1] = Skip()
+    with pytest.raises(ValueError, match="cannot infer the hidden size"):
+        reft_ext.patch(model, [1], rank=2, layer_path="blocks")
+    reft_ext.patch(model, [1], rank=2, layer_path="blocks", hidden_size=32)
+    reft_ext.patch(model, [1], rank=3, adapter="b")
+    assert reft_ext.interventions(model, "b")[1].d == 32
+    x = torch.randint(3, 90, (2, 5))
+    with torch.no_grad():
+        out = model(x, reft_adapter=["b", None])
+        with reft_ext.disabled(model):
+            base = model(x)
+    assert not torch.equal(out[0], base[0]) and torch.equal(out[1], base[1])

@@ -83,7 +83,9 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
         dtype: intervention parameter dtype; default float32 (also on a bf16/fp16 model),
             float64 on a float64 model.
         layer_path: dotted path of the layer container, to override discovery.
-        hidden_size: d, to override inference from the config / layer parameters.
+        hidden_size: d, to override inference from the config / layer parameters (an
+            adapter added to a patched model whose d cannot be inferred takes its other
+            adapters' d).
         dropout, backend: passed to the intervention type (backend "reference" runs the
             pure-PyTorch path instead of the fused op).
         tied: True (default): one intervention per layer, applied at every position of
@@ -128,7 +130,7 @@ def patch(model: nn.Module, layers: int | Sequence[int] | str, rank: int, *,
                          f"{path!r}, the model's other adapters those at {st.layer_path!r}")
     ids = normalise_layers(layers, len(container))
     blocks = list(container.children())
-    d = hidden_size if hidden_size is not None else infer_hidden_size(model, blocks[ids[0]])
+    d = hidden_size if hidden_size is not None else _hidden_size(model, blocks[ids[0]], st)
     if rank > d:
         raise ValueError(f"reft_ext.patch: rank={rank} exceeds the hidden size d={d}")
     if dtype is None:
@@ -180,6 +182,19 @@ def valid_adapter_name(name: str) -> bool:
     """Letters, digits, '_' and '-' (not first): a module key, a file name and a
     state_dict key part; not an attribute name of nn.ModuleDict ("keys", "training")."""
     return bool(_NAME.match(name)) and not hasattr(_PROBE, name)
+
+
+def _hidden_size(model: nn.Module, block: nn.Module, st: State | None) -> int:
+    """d from the config / layer parameters; on a patched model whose d cannot be inferred,
+    the d its adapters were given (the residual stream has one width)."""
+    try:
+        return infer_hidden_size(model, block)
+    except ValueError:
+        known = {getattr(m, "d", None) for mods in (st.modules.values() if st else ())
+                 for m in mods.values()} - {None}
+        if len(known) != 1:
+            raise
+        return known.pop()
 
 
 def _check_adapter_name(name) -> None:
