@@ -84,9 +84,12 @@ class PlainDecoder(nn.Module):
         self.checkpoint_layers = checkpoint_layers
 
     def forward(self, input_ids):
-        T = input_ids.shape[1]
+        return self.blocks_and_head(self.embed(input_ids))
+
+    def blocks_and_head(self, x):
+        """The model after its embedding: x (B, T, d) -> logits."""
+        T = x.shape[1]
         mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
-        x = self.embed(input_ids)
         for blk in self.blocks:
             if self.checkpoint_layers and torch.is_grad_enabled():
                 # transformers 4.x style: the layer's __call__ (hooks included) re-runs in

@@ -153,6 +153,19 @@ def _only(model, keep: str):
     return m
 
 
+def _assert_rows_equal_adapter_only_copies(model, ids, mask, rows, names):
+    """Each row of a mixed forward (llama-style call) bitwise equals that row of the same
+    batch on a copy holding only the row's adapter."""
+    with torch.no_grad():
+        mixed = call(model, ids, mask, "llama", reft_adapter=rows)
+        for a in names:
+            single = call(_only(model, a), ids, mask, "llama")
+            for i, r in enumerate(rows):
+                if r == a:
+                    assert torch.equal(mixed[i], single[i]), (a, i)
+    return mixed
+
+
 def _count_bank_calls(monkeypatch):
     calls = []
     real = adapters_mod.bank_call
@@ -270,13 +283,7 @@ def test_adapters_of_different_param_dtypes_in_one_batch(mdt, dts):
     _perturb(model)
     ids, mask = _ids_mask([9, 6, 2, 5, 3, 9, 4, 7], left=False)
     rows = ["x", "y", "z", "w", None, "y", "z", "x"]
-    with torch.no_grad():
-        mixed = call(model, ids, mask, "llama", reft_adapter=rows)
-        for a in "xyzw":
-            single = call(_only(model, a), ids, mask, "llama")
-            for i, r in enumerate(rows):
-                if r == a:
-                    assert torch.equal(mixed[i], single[i]), (a, i)
+    _assert_rows_equal_adapter_only_copies(model, ids, mask, rows, "xyzw")
 
 
 # ------------------------------------------------------------------ 2 argument forms
@@ -503,14 +510,7 @@ class _EmbedsDecoder(PlainDecoder):
     layer calls are checkpointed (non-reentrant) while grad is enabled."""
 
     def forward(self, x):
-        T = x.shape[1]
-        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
-        for blk in self.blocks:
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, mask, use_reentrant=False)
-            else:
-                x = blk(x, mask)
-        return self.head(x)
+        return self.blocks_and_head(x)
 
 
 def test_sequential_steps_on_the_same_input_tensor_with_layer_call_checkpoint():
@@ -772,13 +772,7 @@ def test_custom_module_without_kernel_params_next_to_a_bank():
     reft_ext.patch(model, [0, 1], rank=2, positions="f2", adapter="s", intervention=Shift)
     ids, mask = _ids_mask(LENS)
     rows = ["s", "a", "b", "s", None, "c", "a", "b"]
-    with torch.no_grad():
-        mixed = call(model, ids, mask, "llama", reft_adapter=rows)
-        for a in "sabc":
-            single = call(_only(model, a), ids, mask, "llama")
-            for i, r in enumerate(rows):
-                if r == a:
-                    assert torch.equal(mixed[i], single[i]), (a, i)
+    _assert_rows_equal_adapter_only_copies(model, ids, mask, rows, "sabc")
 
 
 class _Wrap(nn.Module):
@@ -881,14 +875,9 @@ def test_numeric_adapter_names_save_adapters_round_trip(tmp_path):
     reft_ext.save_adapters(model, tmp_path / "all")
     fresh = copy.deepcopy(base)
     reft_ext.load_adapters(fresh, tmp_path / "all")
+    mixed = _assert_rows_equal_adapter_only_copies(model, ids, mask, rows, "012")
     with torch.no_grad():
-        mixed = call(model, ids, mask, "llama", reft_adapter=rows)
         assert torch.equal(call(fresh, ids, mask, "llama", reft_adapter=rows), mixed)
-        for a in "012":
-            single = call(_only(model, a), ids, mask, "llama")
-            for i, r in enumerate(rows):
-                if r == a:
-                    assert torch.equal(mixed[i], single[i]), (a, i)
 
 
 class _Ident(nn.Module):
