@@ -90,7 +90,8 @@ assert i[\"cuda_kernels\"] and i[\"cuda_devices\"], \"CUDA kernels not usable\"'
 cd "$ROOT"
 step "pytest -m cuda" 300 "$PY" -m pytest -q -m cuda -p no:cacheprovider \
   --junitxml="$RES/pytest_cuda.xml" tests/test_cuda.py tests/test_op.py \
-  tests/test_validation.py tests/test_compile.py
+  tests/test_validation.py tests/test_compile.py tests/test_bank.py \
+  tests/test_autograd_modes.py
 
 # --- 3. compute-sanitizer ---------------------------------------------------------------
 SAN=$(command -v compute-sanitizer || true)
