@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as mm
 
 from .modules import _Intervention
 from .ops import loreft, loreft_
@@ -42,7 +43,6 @@ def fusable(module: nn.Module) -> bool:
 
 def has_hooks(module: nn.Module) -> bool:
     """True if calling ``module`` would run forward or backward hooks besides forward."""
-    from torch.nn.modules import module as mm
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or mm._global_forward_hooks
                 or mm._global_forward_pre_hooks or mm._global_backward_hooks

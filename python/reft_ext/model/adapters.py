@@ -56,7 +56,7 @@ class Mixed:
         _check_batch(rows, mask.shape[0], "the attention mask")
         pos = {}
         for a in distinct_adapters(rows):
-            sel = torch.tensor([r == a for r in rows], device=mask.device)
+            sel = _rows_of(rows, a, mask.device)
             part = positions_from_mask(adapters[a].spec, mask[sel], tied=not adapters[a].groups)
             full = torch.full((len(rows), *part.shape[1:]), -1, dtype=part.dtype,
                               device=part.device)
@@ -120,7 +120,7 @@ class Mixed:
         index = torch.full((B, width), -1, dtype=torch.int32, device=device)
         offset = 0
         for a, p in zip(names, parts):
-            sel = torch.tensor([r == a for r in self.rows], device=device)
+            sel = _rows_of(self.rows, a, device)
             G, P = p.shape[1], p.shape[2]
             slots = p[sel].reshape(-1, G * P)
             entry = (offset + torch.arange(G, dtype=torch.int32, device=device)
@@ -143,8 +143,13 @@ def _check_batch(rows, B: int, what: str) -> None:
                          f"batch size {B}: give one adapter name (or None) per row")
 
 
+def _rows_of(rows, a: str, device) -> torch.Tensor:
+    """(B,) bool: the rows that use adapter a."""
+    return torch.tensor([r == a for r in rows], device=device)
+
+
 def _only_rows(positions: torch.Tensor, rows, a: str) -> torch.Tensor:
-    keep = torch.tensor([r == a for r in rows], device=positions.device)
+    keep = _rows_of(rows, a, positions.device)
     shape = (-1,) + (1,) * (positions.dim() - 1)
     return torch.where(keep.view(shape), positions, torch.full_like(positions, -1))
 
