@@ -602,6 +602,32 @@ def test_model_stays_usable_after_a_torch_func_transform_raises(rows):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torch_func_jvp_through_a_mixed_batch_against_finite_differences():
+    """torch.func.jvp through a mixed batch whose layers make several calls (a bank and a
+    module on its own): every call must stay out of place under the transform (attention
+    on the math kernel, which has forward AD); the tangent equals central differences."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = _plain_model()
+    x = torch.randint(3, 90, (6, 7), generator=torch.Generator().manual_seed(0))
+    name = "reft_interventions.a.0.bias"
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    bias = params[name]
+    t = torch.randn(bias.shape, generator=torch.Generator().manual_seed(1), dtype=bias.dtype)
+
+    def f(bb):
+        return torch.func.functional_call(model, {**params, name: bb}, (x,),
+                                          {"reft_adapter": P_ROWS})
+    with sdpa_kernel(SDPBackend.MATH):
+        _, tangent = torch.func.jvp(f, (bias,), (t,))
+    copy.deepcopy(model)                # nothing of the transform stays in the model
+    eps = 1e-6
+    with torch.no_grad():
+        fd = (f(bias + eps * t) - f(bias - eps * t)) / (2 * eps)
+    assert tangent.abs().max() > 1e-3
+    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_forward_mode_ad_through_a_mixed_batch():
     """torch.autograd.forward_ad (documented exact for loreft_) through a mixed zoo batch
     (float64): each row's tangent equals that of its adapter-only copy, and <J t, w> equals
